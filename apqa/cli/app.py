@@ -1,0 +1,71 @@
+"""The Typer application, global options and error handling shared by all commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from apqa import __version__
+from apqa.errors import ApqaError
+from apqa.log import configure_logging
+
+EXIT_ERROR = 2
+
+app = typer.Typer(
+    name="apqa",
+    help=(
+        "Validation, QA and metrics for astronomical alert production.\n\n"
+        "Examples:\n\n"
+        "  apqa simulate --dataset hits-sim --out sim-out\n\n"
+        "  apqa simulate --dataset crowded-sim --visits 2 --detectors 2 --seed 3 --out bulge\n\n"
+        "  apqa --version"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"apqa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    configure_logging(verbose, quiet)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` on one line to stderr and return the exit to raise."""
+    err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+def main() -> None:
+    """Console-script entry point: turns apqa errors into one line and exit code 2."""
+    from apqa.cli import simulate  # noqa: F401  (registers the command)
+
+    try:
+        app()
+    except ApqaError as exc:
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+
+
+def register_commands() -> typer.Typer:
+    """Import every command module so that ``app`` is complete (used by tests)."""
+    from apqa.cli import simulate  # noqa: F401
+
+    return app

@@ -1,0 +1,410 @@
+"""FITS input and output of exposures.
+
+The apqa format is a multi-extension FITS file that astropy and ds9 open directly:
+
+====  ==========  ===========================================================================
+HDU   EXTNAME     content
+====  ==========  ===========================================================================
+0     (primary)   visit/detector info, photometric calibration, ``APQAFMT`` format version
+1     IMAGE       float32 pixels, celestial WCS (TAN or TAN-SIP) in the header
+2     MASK        int32 bit mask; ``MP_<PLANE>`` cards give the plane -> bit map
+3     VARIANCE    float32 variance
+4     PSF         optional: PSF kernels on a grid of positions, cube of shape (n_nodes, k, k)
+====  ==========  ===========================================================================
+
+Plain single-HDU images (as users bring them) are read too, taking GAIN, RDNOISE/READNOISE,
+SATURATE, MAGZERO/PHOTZP, EXPTIME, FILTER and MJD-OBS/DATE-OBS from the header.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.time import Time, TimeDelta
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
+
+from apqa.datamodel.exposure import Exposure
+from apqa.datamodel.mask import Mask
+from apqa.datamodel.photocalib import PhotoCalib
+from apqa.datamodel.psf import GridPsf, MoffatPsf, Psf
+from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
+from apqa.errors import InputError
+
+FORMAT_VERSION = 1
+
+_VISIT_CARDS = {
+    "visit": ("VISIT", "visit id"),
+    "detector": ("DETECTOR", "detector id"),
+    "band": ("BAND", "abstract band"),
+    "physical_filter": ("FILTER", "physical filter"),
+    "mjd": ("MJDTAI", "exposure midpoint, MJD (TAI)"),
+    "exposure_time": ("EXPTIME", "[s] exposure time"),
+    "airmass": ("AIRMASS", "airmass at midpoint"),
+    "seeing": ("SEEING", "[arcsec] delivered FWHM"),
+    "boresight_ra": ("BORE-RA", "[deg] boresight RA"),
+    "boresight_dec": ("BORE-DEC", "[deg] boresight Dec"),
+    "rotation_angle": ("ROTANG", "[deg] rotation angle"),
+}
+# Cards that the reader interprets; everything else on the primary header is kept as metadata.
+_RESERVED = {card for card, _ in _VISIT_CARDS.values()} | {
+    "APQAFMT", "GAIN", "RDNOISE", "SATURATE", "DETNAME", "PHOTCAL", "PHOTCALE", "MAGZERO",
+    "MJD-OBS", "SIMPLE", "BITPIX", "NAXIS", "EXTEND", "HASPSF",
+}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def _psf_hdu(psf: Psf) -> fits.ImageHDU:
+    grid = psf.to_grid()  # type: ignore[attr-defined]
+    ny, nx, k, _ = grid.images.shape
+    hdu = fits.ImageHDU(grid.images.reshape(ny * nx, k, k), name="PSF")
+    hdu.header["PSFNX"] = (nx, "grid nodes along x")
+    hdu.header["PSFNY"] = (ny, "grid nodes along y")
+    for i, x in enumerate(grid.nodes_x):
+        hdu.header[f"PSFX{i}"] = float(x)
+    for j, y in enumerate(grid.nodes_y):
+        hdu.header[f"PSFY{j}"] = float(y)
+    if isinstance(psf, MoffatPsf):
+        hdu.header["PSFTYPE"] = ("MOFFAT", "analytic model; the grid is a sampling of it")
+        hdu.header["PSFW"], hdu.header["PSFH"] = psf.width, psf.height
+        hdu.header["PSFBETA"], hdu.header["PSFTRUNC"] = psf.beta, psf.trunc
+        hdu.header["PSFORDER"] = (psf.order, "Gauss-Legendre nodes per pixel side")
+        for name in ("fwhm", "g1", "g2"):
+            for i, c in enumerate(getattr(psf, f"{name}_coeffs")):
+                hdu.header[f"HIERARCH PSF_{name.upper()}_{i}"] = float(c)
+    else:
+        hdu.header["PSFTYPE"] = ("GRID", "bilinear interpolation between grid kernels")
+    return hdu
+
+
+def _psf_from_hdu(hdu: fits.ImageHDU, source: str) -> Psf:
+    h = hdu.header
+    try:
+        if h.get("PSFTYPE") == "MOFFAT":
+            coeffs = {
+                name: [h[f"PSF_{name.upper()}_{i}"] for i in range(6) if f"PSF_{name.upper()}_{i}" in h]
+                for name in ("fwhm", "g1", "g2")
+            }
+            return MoffatPsf(
+                width=int(h["PSFW"]), height=int(h["PSFH"]),
+                fwhm_coeffs=coeffs["fwhm"], g1_coeffs=coeffs["g1"], g2_coeffs=coeffs["g2"],
+                beta=float(h["PSFBETA"]), trunc=float(h["PSFTRUNC"]),
+                order=int(h.get("PSFORDER", 2)),
+            )
+        nx, ny = int(h["PSFNX"]), int(h["PSFNY"])
+        xs = [h[f"PSFX{i}"] for i in range(nx)]
+        ys = [h[f"PSFY{j}"] for j in range(ny)]
+        data = np.asarray(hdu.data, np.float32)
+        return GridPsf(np.array(xs), np.array(ys), data.reshape(ny, nx, *data.shape[1:]))
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{source}: HDU 'PSF': malformed PSF extension ({exc})") from None
+
+
+def _wcs_header(wcs: WCS) -> fits.Header:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        return wcs.to_header(relax=True)
+
+
+def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True) -> Path:
+    """Write ``exposure`` as an apqa multi-extension FITS file, atomically.
+
+    The file is written next to its destination and renamed into place, so a crash never
+    leaves a partial file under the final name.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: file exists (pass overwrite=True to replace it)")
+    primary = fits.PrimaryHDU()
+    header = primary.header
+    header["APQAFMT"] = (FORMAT_VERSION, "apqa exposure format version")
+    for card in exposure.metadata.cards:
+        if card.keyword and card.keyword not in _RESERVED and card.keyword not in header:
+            header.append(card)
+    if exposure.visit_info is not None:
+        for attr, (key, comment) in _VISIT_CARDS.items():
+            value = getattr(exposure.visit_info, attr)
+            if isinstance(value, float):
+                value = _finite_or_none(value)
+            if value is not None:
+                header[key] = (value, comment)
+    if exposure.detector_info is not None:
+        det = exposure.detector_info
+        header["GAIN"] = (det.gain, "[e-/ADU]")
+        header["RDNOISE"] = (det.read_noise, "[e-] read noise")
+        if np.isfinite(det.saturation):
+            header["SATURATE"] = (det.saturation, "[ADU] saturation level")
+        if det.name:
+            header["DETNAME"] = det.name
+    if exposure.photo_calib is not None:
+        header["PHOTCAL"] = (exposure.photo_calib.calibration_mean, "[nJy/count]")
+        header["PHOTCALE"] = (exposure.photo_calib.calibration_err, "[nJy/count] error")
+        header["MAGZERO"] = (exposure.photo_calib.zero_point, "AB mag of one count")
+    header["HASPSF"] = exposure.psf is not None
+
+    wcs_header = _wcs_header(exposure.wcs) if exposure.wcs is not None else fits.Header()
+    image = fits.ImageHDU(exposure.image, header=wcs_header.copy(), name="IMAGE")
+    mask_header = wcs_header.copy()
+    exposure.mask.to_header(mask_header)
+    mask = fits.ImageHDU(exposure.mask.array, header=mask_header, name="MASK")
+    variance = fits.ImageHDU(exposure.variance, header=wcs_header.copy(), name="VARIANCE")
+    hdus = [primary, image, mask, variance]
+    if exposure.psf is not None:
+        hdus.append(_psf_hdu(exposure.psf))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary data files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_wcs(header: fits.Header, source: str, required: bool) -> WCS | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as exc:  # astropy raises many types for malformed WCS cards
+            raise InputError(f"{source}: header WCS could not be parsed ({exc})") from None
+    if not wcs.has_celestial:
+        if required:
+            raise InputError(
+                f"{source}: header has no celestial WCS (expected CTYPE1/CTYPE2 like "
+                "'RA---TAN'/'DEC--TAN' with CRVAL, CRPIX and CD or CDELT cards)"
+            )
+        return None
+    return wcs
+
+
+def _number(header: fits.Header, keys: tuple[str, ...], source: str) -> float | None:
+    """First of ``keys`` present in ``header`` as a number; non-numeric values are errors."""
+    for key in keys:
+        if key in header and header[key] not in (None, ""):
+            try:
+                value = float(header[key])
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"{source}: header keyword {key}={header[key]!r}: expected a number"
+                ) from None
+            if not np.isfinite(value):
+                raise InputError(f"{source}: header keyword {key}={value}: expected a finite number")
+            return value
+    return None
+
+
+def _integer_id(header: fits.Header, keys: tuple[str, ...]) -> int:
+    """First of ``keys`` that holds an integer id; names like 'S3-177' are not ids, so 0."""
+    for key in keys:
+        try:
+            return int(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return 0
+
+
+def band_from_filter(physical_filter: str) -> str:
+    """Abstract band from a physical filter name ('g DECam SDSS c0001' -> 'g', 'HSC-I' -> 'i')."""
+    name = physical_filter.strip()
+    first = name.split()[0] if name else ""
+    if len(first) == 1 and first.lower() in "ugrizy":
+        return first.lower()
+    if "-" in first and len(first.split("-")[-1]) == 1:  # HSC-I, HSC-R2 is left alone
+        return first.split("-")[-1].lower()
+    return first.lower() or "unknown"
+
+
+def _mid_exposure_mjd_tai(header: fits.Header, exptime: float, source: str) -> float:
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
+    if scale not in {"utc", "tai", "tt", "tdb", "ut1", "tcg", "tcb"}:
+        scale = "utc"
+    try:
+        if "MJD-OBS" in header:
+            start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
+        elif "DATE-OBS" in header:
+            value = str(header["DATE-OBS"])
+            if "T" not in value and "TIME-OBS" in header:
+                value = f"{value}T{header['TIME-OBS']}"
+            start = Time(value, format="isot" if "T" in value else "iso", scale=scale)
+        else:
+            return float("nan")
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{source}: header MJD-OBS/DATE-OBS: expected a date ({exc})") from None
+    return float((start + TimeDelta(exptime / 2, format="sec")).tai.mjd)
+
+
+def robust_sky(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """Sigma-clipped median and variance (from the MAD) of the valid pixels."""
+    values = image[valid]
+    if values.size > 2_000_000:  # a strided sample is plenty for two numbers
+        values = values[:: values.size // 1_000_000]
+    for _ in range(3):
+        median = np.median(values)
+        mad = 1.4826 * np.median(np.abs(values - median))
+        if mad == 0:
+            break
+        values = values[np.abs(values - median) < 4 * mad]
+    return float(median), float(mad) ** 2
+
+
+def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
+    hdu = next((h for h in hdul if h.data is not None and np.ndim(h.data) == 2), None)
+    if hdu is None:
+        raise InputError(f"{source}: no 2-d image found in any HDU")
+    header = hdul[0].header.copy()
+    if hdu is not hdul[0]:
+        header.update(hdu.header)  # image-HDU cards take precedence
+    data = np.asarray(hdu.data, dtype=np.float32)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InputError(f"{source}: image has no finite pixels (all NaN or inf)")
+    wcs = _read_wcs(header, source, require_wcs)
+
+    gain = _number(header, ("GAIN", "EGAIN"), source)
+    read_noise = _number(header, ("RDNOISE", "READNOISE", "RDNOISEA"), source)
+    saturate = _number(header, ("SATURATE", "SATURATA"), source)
+    magzero = _number(header, ("MAGZERO", "PHOTZP", "MAGZPT"), source)
+    exptime = _number(header, ("EXPTIME", "EXPOSURE"), source) or 0.0
+    if gain is not None and gain <= 0:
+        raise InputError(f"{source}: header keyword GAIN={gain}: expected > 0 (e-/ADU)")
+    physical_filter = str(header.get("FILTER", "unknown")).strip() or "unknown"
+
+    mask = Mask.zeros(data.shape)
+    mask.set("NO_DATA", ~finite)
+    image = np.where(finite, data, 0.0).astype(np.float32)
+    if saturate is not None:
+        mask.set("SAT", image >= saturate)
+    valid = finite & ~mask.is_set("SAT")
+    sky_level, sky_var = robust_sky(image, valid)
+    # Sky noise from the pixels (right for sky-subtracted images too), source Poisson from gain.
+    variance = np.full(data.shape, sky_var, dtype=np.float32)
+    if gain is not None:
+        variance += np.clip(image - sky_level, 0, None) / gain
+    variance[~finite] = np.inf
+
+    metadata = fits.Header()
+    metadata["VARSRC"] = ("pixels+gain" if gain is not None else "pixels", "variance model")
+    metadata["SRCFILE"] = (Path(source).name, "file the exposure was read from")
+    visit_info = VisitInfo(
+        visit=_integer_id(header, ("VISIT", "EXPNUM", "EXPID")),
+        detector=_integer_id(header, ("CCDNUM", "DETECTOR")),
+        band=band_from_filter(physical_filter),
+        physical_filter=physical_filter,
+        mjd=_mid_exposure_mjd_tai(header, exptime, source),
+        exposure_time=exptime,
+        airmass=_number(header, ("AIRMASS",), source) or float("nan"),
+        seeing=float("nan"),
+    )
+    detector_info = DetectorInfo(
+        gain=gain if gain is not None else float("nan"),
+        read_noise=read_noise if read_noise is not None else float("nan"),
+        saturation=saturate if saturate is not None else float("inf"),
+    )
+    return Exposure(
+        image=image, variance=variance, mask=mask, wcs=wcs,
+        photo_calib=PhotoCalib.from_zero_point(magzero) if magzero is not None else None,
+        visit_info=visit_info, detector_info=detector_info, metadata=metadata,
+    )
+
+
+def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
+    names = [h.name for h in hdul]
+    for needed in ("IMAGE", "MASK", "VARIANCE"):
+        if needed not in names:
+            raise InputError(f"{source}: apqa exposure lacks the '{needed}' HDU (found {names})")
+    primary = hdul[0].header
+    image = np.asarray(hdul["IMAGE"].data)
+    variance = np.asarray(hdul["VARIANCE"].data)
+    mask_array = np.asarray(hdul["MASK"].data)
+    for name, array in (("IMAGE", image), ("VARIANCE", variance), ("MASK", mask_array)):
+        if array.ndim != 2:
+            raise InputError(f"{source}: HDU '{name}': expected a 2-d array, got {array.shape}")
+    for name, array in (("VARIANCE", variance), ("MASK", mask_array)):
+        if array.shape != image.shape:
+            raise InputError(
+                f"{source}: HDU '{name}': expected shape {image.shape} (the IMAGE's), "
+                f"got {array.shape}"
+            )
+    mask = Mask(mask_array, Mask.planes_from_header(hdul["MASK"].header))
+    wcs = _read_wcs(hdul["IMAGE"].header, f"{source}[IMAGE]", require_wcs)
+    visit_info = None
+    if "VISIT" in primary:
+        values = {}
+        for attr, (key, _) in _VISIT_CARDS.items():
+            if key in primary:
+                values[attr] = primary[key]
+        visit_info = VisitInfo(**values)
+    detector_info = None
+    if "GAIN" in primary:
+        detector_info = DetectorInfo(
+            gain=float(primary["GAIN"]),
+            read_noise=float(primary.get("RDNOISE", 0.0)),
+            saturation=float(primary.get("SATURATE", np.inf)),
+            name=str(primary.get("DETNAME", "")),
+        )
+    photo_calib = None
+    if "PHOTCAL" in primary:
+        photo_calib = PhotoCalib(float(primary["PHOTCAL"]), float(primary.get("PHOTCALE", 0.0)))
+    psf = _psf_from_hdu(hdul["PSF"], source) if "PSF" in names else None
+    metadata = fits.Header([c for c in primary.cards if c.keyword not in _RESERVED])
+    return Exposure(
+        image=image, variance=variance, mask=mask, psf=psf, wcs=wcs, photo_calib=photo_calib,
+        visit_info=visit_info, detector_info=detector_info, metadata=metadata,
+    )
+
+
+def read_exposure(path: str | Path, require_wcs: bool = True) -> Exposure:
+    """Read an exposure from FITS.
+
+    Parameters
+    ----------
+    path
+        An apqa multi-extension file (``APQAFMT`` in the primary header) or a plain FITS image
+        (first HDU with 2-d data).
+    require_wcs
+        Raise :class:`~apqa.errors.InputError` when there is no celestial WCS.
+
+    Notes
+    -----
+    For plain images: ``GAIN`` (e-/ADU), ``RDNOISE``/``READNOISE`` (e-), ``SATURATE`` (ADU; pixels
+    at or above it get SAT), ``MAGZERO``/``PHOTZP`` (AB mag of one count), ``EXPTIME`` (s),
+    ``FILTER`` (physical filter; the band is derived from it), ``MJD-OBS`` or ``DATE-OBS``
+    (exposure start, ``TIMESYS`` scale, UTC by default; stored as the TAI midpoint). NaN pixels
+    become NO_DATA with zero image and infinite variance. The variance is the sky variance
+    measured from the pixels plus the sources' Poisson term from GAIN when present.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise InputError(f"{source}: file not found")
+    try:
+        hdul = fits.open(path, memmap=False)
+    except OSError as exc:
+        raise InputError(f"{source}: not a readable FITS file ({exc})") from None
+    with hdul:
+        if "APQAFMT" in hdul[0].header:
+            version = int(hdul[0].header["APQAFMT"])
+            if version > FORMAT_VERSION:
+                raise InputError(
+                    f"{source}: APQAFMT={version} is newer than this apqa reads "
+                    f"({FORMAT_VERSION}); upgrade apqa"
+                )
+            exposure = _read_apqa(hdul, source, require_wcs)
+        else:
+            exposure = _read_plain(hdul, source, require_wcs)
+    if not np.isfinite(exposure.image).any():
+        raise InputError(f"{source}: image has no finite pixels")
+    return exposure
