@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,17 +28,17 @@ EPILOG = """Examples:
 
 @app.command(epilog=EPILOG)
 def simulate(
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must be new or empty)."),
-    dataset: str = typer.Option(None, "--dataset", "-d",
-                                help="hits-sim, cosmos-sim or crowded-sim [default: hits-sim]."),
-    visits: int = typer.Option(None, "--visits", help="Science visits per detector [4]."),
-    detectors: int = typer.Option(None, "--detectors", help="Detectors per visit [1]."),
-    templates: int = typer.Option(None, "--templates", help="Deep template visits [1]."),
-    seed: int = typer.Option(None, "--seed", help="Master random seed [0]."),
-    noiseless: bool = typer.Option(None, "--noiseless/--no-noiseless",
-                                   help="Also write noiseless model images."),
-    config: Path = typer.Option(None, "--config", help="YAML configuration file."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty).")],
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", help="hits-sim, cosmos-sim or crowded-sim [default: hits-sim].")] = None,
+    visits: Annotated[int | None, typer.Option(help="Science visits per detector [4].")] = None,
+    detectors: Annotated[int | None, typer.Option(help="Detectors per visit [1].")] = None,
+    templates: Annotated[int | None, typer.Option(help="Deep template visits [1].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Master random seed [0].")] = None,
+    noiseless: Annotated[bool | None, typer.Option(
+        "--noiseless/--no-noiseless", help="Also write noiseless model images.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Simulate an embedded survey dataset: raw exposures, calibration frames, a reference
     catalog and truth tables, listed in DIR/manifest.json."""

@@ -90,7 +90,7 @@ def _psf_from_hdu(hdu: fits.ImageHDU, source: str) -> Psf:
     try:
         if h.get("PSFTYPE") == "MOFFAT":
             coeffs = {
-                name: [h[f"PSF_{name.upper()}_{i}"] for i in range(6) if f"PSF_{name.upper()}_{i}" in h]
+                name: [h[key] for i in range(6) if (key := f"PSF_{name.upper()}_{i}") in h]
                 for name in ("fwhm", "g1", "g2")
             }
             return MoffatPsf(
@@ -127,7 +127,9 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
     header = primary.header
     header["APQAFMT"] = (FORMAT_VERSION, "apqa exposure format version")
     for card in exposure.metadata.cards:
-        if card.keyword and card.keyword not in _RESERVED and card.keyword not in header:
+        if card.keyword and card.keyword not in _RESERVED and (
+            card.keyword not in header or card.keyword in ("COMMENT", "HISTORY")
+        ):
             header.append(card)
     if exposure.visit_info is not None:
         for attr, (key, comment) in _VISIT_CARDS.items():
@@ -138,12 +140,14 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
                 header[key] = (value, comment)
     if exposure.detector_info is not None:
         det = exposure.detector_info
-        header["GAIN"] = (det.gain, "[e-/ADU]")
-        header["RDNOISE"] = (det.read_noise, "[e-] read noise")
+        # FITS headers cannot hold NaN (unknown gain/read noise of plain images): omit those.
+        if np.isfinite(det.gain):
+            header["GAIN"] = (det.gain, "[e-/ADU]")
+        if np.isfinite(det.read_noise):
+            header["RDNOISE"] = (det.read_noise, "[e-] read noise")
         if np.isfinite(det.saturation):
             header["SATURATE"] = (det.saturation, "[ADU] saturation level")
-        if det.name:
-            header["DETNAME"] = det.name
+        header["DETNAME"] = det.name  # always written: marks that detector info is present
     if exposure.photo_calib is not None:
         header["PHOTCAL"] = (exposure.photo_calib.calibration_mean, "[nJy/count]")
         header["PHOTCALE"] = (exposure.photo_calib.calibration_err, "[nJy/count] error")
@@ -201,7 +205,8 @@ def _number(header: fits.Header, keys: tuple[str, ...], source: str) -> float | 
                     f"{source}: header keyword {key}={header[key]!r}: expected a number"
                 ) from None
             if not np.isfinite(value):
-                raise InputError(f"{source}: header keyword {key}={value}: expected a finite number")
+                raise InputError(
+                    f"{source}: header keyword {key}={value}: expected a finite number")
             return value
     return None
 
@@ -346,12 +351,14 @@ def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
         for attr, (key, _) in _VISIT_CARDS.items():
             if key in primary:
                 values[attr] = primary[key]
+            elif attr not in ("visit", "detector", "band", "physical_filter"):
+                values[attr] = float("nan")  # the writer omits non-finite values
         visit_info = VisitInfo(**values)
     detector_info = None
-    if "GAIN" in primary:
+    if any(key in primary for key in ("GAIN", "RDNOISE", "SATURATE", "DETNAME")):
         detector_info = DetectorInfo(
-            gain=float(primary["GAIN"]),
-            read_noise=float(primary.get("RDNOISE", 0.0)),
+            gain=float(primary.get("GAIN", np.nan)),
+            read_noise=float(primary.get("RDNOISE", np.nan)),
             saturation=float(primary.get("SATURATE", np.inf)),
             name=str(primary.get("DETNAME", "")),
         )

@@ -72,7 +72,10 @@ class Mask:
     def add_plane(self, name: str) -> int:
         """Add a plane (if missing) and return its bit number."""
         if name not in self.planes:
-            self.planes[name] = max(self.planes.values(), default=-1) + 1
+            bit = max(self.planes.values(), default=-1) + 1
+            if bit > 30:
+                raise InputError(f"mask: cannot add plane '{name}': bit {bit} is beyond 0..30")
+            self.planes[name] = bit
         return self.planes[name]
 
     def bitmask(self, names: str | Iterable[str]) -> int:

@@ -43,7 +43,8 @@ class PhotoCalib:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.calibration_mean) or self.calibration_mean <= 0:
-            raise ValueError(f"calibration_mean must be finite and > 0, got {self.calibration_mean}")
+            raise ValueError(
+                f"calibration_mean must be finite and > 0, got {self.calibration_mean}")
         if not np.isfinite(self.calibration_err) or self.calibration_err < 0:
             raise ValueError(f"calibration_err must be finite and >= 0, got {self.calibration_err}")
 

@@ -91,8 +91,9 @@ def render_moffat_stamps(
     size
         Odd stamp side in pixels.
     order
-        Gauss-Legendre nodes per pixel side for the pixel integration (2 is exact for bicubic
-        variation within a pixel; accurate to ~1e-4 of the peak for FWHM >= 2.5 px).
+        Gauss-Legendre nodes per pixel side for the pixel integration. Against GalSim's exact
+        pixel integration, 2 nodes are within 1.6e-3 of the peak at FWHM 2.5 px and 2.6e-4 at
+        4 px; 3 nodes within 1e-4.
 
     Returns
     -------
@@ -104,25 +105,29 @@ def render_moffat_stamps(
     nodes, weights = np.polynomial.legendre.leggauss(order)
     grid = (np.arange(size) - half)[:, None] + 0.5 * nodes[None, :]  # (size, order)
     grid = grid.ravel().astype(np.float32)  # size*order sub-sample coordinates
-    w = np.tile(weights.astype(np.float32), size)
-    w2 = w[:, None] * w[None, :]
-    dx = np.asarray(dx, np.float32).reshape(n, 1, 1)
-    dy = np.asarray(dy, np.float32).reshape(n, 1, 1)
-    g1 = np.asarray(g1, np.float32).reshape(n, 1, 1)
-    g2 = np.asarray(g2, np.float32).reshape(n, 1, 1)
-    alpha = moffat_alpha(np.asarray(fwhm, np.float32), beta).reshape(n, 1, 1)
-    xs = grid[None, None, :] - dx  # (N, 1, S*O)
-    ys = grid[None, :, None] - dy  # (N, S*O, 1)
-    inv = 1.0 / np.sqrt(1.0 - g1 * g1 - g2 * g2)
-    # Map back through the inverse of GalSim's shear matrix to the circular profile.
-    u = ((1.0 - g1) * xs - g2 * ys) * inv
-    v = (-g2 * xs + (1.0 + g1) * ys) * inv
-    r2 = (u * u + v * v) / (alpha * alpha)
-    profile = (1.0 + r2) ** np.float32(-beta)
-    rmax2 = (trunc * np.asarray(fwhm, np.float32).reshape(n, 1, 1) / alpha) ** 2
-    profile[r2 > rmax2] = 0.0
-    profile *= w2
-    stamps = profile.reshape(n, size, order, size, order).sum(axis=(2, 4))
+    g1 = np.asarray(g1, np.float64)
+    g2 = np.asarray(g2, np.float64)
+    alpha2 = np.asarray(moffat_alpha(np.asarray(fwhm, np.float64), beta)) ** 2
+    # r^2 / alpha^2 = a x^2 + b x y + c y^2 through the inverse of GalSim's shear matrix.
+    scale = 1.0 / ((1.0 - g1 * g1 - g2 * g2) * alpha2)
+    a = (((1.0 - g1) ** 2 + g2 * g2) * scale).astype(np.float32).reshape(n, 1, 1)
+    b = (-4.0 * g2 * scale).astype(np.float32).reshape(n, 1, 1)
+    c = (((1.0 + g1) ** 2 + g2 * g2) * scale).astype(np.float32).reshape(n, 1, 1)
+    xs = grid[None, None, :] - np.asarray(dx, np.float32).reshape(n, 1, 1)  # (N, 1, S*O)
+    ys = grid[None, :, None] - np.asarray(dy, np.float32).reshape(n, 1, 1)  # (N, S*O, 1)
+    r2 = (b * xs) * ys  # r2 is the only full-size (N, S*O, S*O) array
+    r2 += a * xs * xs
+    r2 += c * ys * ys
+    rmax2 = (trunc * np.asarray(fwhm, np.float64)) ** 2 / alpha2
+    outside = r2 > rmax2.astype(np.float32).reshape(n, 1, 1)
+    r2 += np.float32(1.0)
+    profile = np.power(r2, np.float32(-beta), out=r2)
+    profile[outside] = 0.0
+    # Weighted sum over each pixel's order x order nodes (strided adds beat a reshape-sum).
+    stamps = np.zeros((n, size, size), np.float32)
+    for i in range(order):
+        for j in range(order):
+            stamps += np.float32(weights[i] * weights[j]) * profile[:, i::order, j::order]
     stamps /= stamps.sum(axis=(1, 2), keepdims=True)
     return stamps.astype(np.float32, copy=False)
 
@@ -211,7 +216,8 @@ class GridPsf:
     nodes_x, nodes_y
         Increasing node coordinates in pixels.
     images
-        ``(len(nodes_y), len(nodes_x), k, k)`` kernels, odd ``k``; each is normalized on use.
+        ``(len(nodes_y), len(nodes_x), k, k)`` kernels, odd ``k``. The interpolated kernel is
+        normalized to sum 1, so node kernels need not be.
     """
 
     nodes_x: np.ndarray

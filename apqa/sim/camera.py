@@ -10,6 +10,7 @@ approximation. Inverse coefficients (AP/BP) are fitted for readers that use them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from astropy.wcs import WCS
@@ -57,8 +58,12 @@ class CameraSpec:
         return self.width * self.height * (self.pixel_scale / 3600.0) ** 2
 
 
+@lru_cache(maxsize=64)
 def _sip_inverse(k: float, radius: float, order: int = 5) -> dict[str, float]:
-    """Least-squares AP/BP coefficients inverting the radial distortion within ``radius``."""
+    """Least-squares AP/BP coefficients inverting the radial distortion within ``radius``.
+
+    Cached: every visit of a detector shares them (callers must not mutate the result).
+    """
     grid = np.linspace(-radius, radius, 41)
     uu, vv = np.meshgrid(grid, grid)
     u, v = uu.ravel(), vv.ravel()

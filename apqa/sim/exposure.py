@@ -55,7 +55,7 @@ def zero_point_electrons(spec: DatasetSpec, plan: VisitPlan) -> float:
 
 
 def visit_psf(spec: DatasetSpec, plan: VisitPlan, rng: np.random.Generator) -> MoffatPsf:
-    """The truth PSF of one visit-detector: seeing-driven size with smooth variation over the CCD."""
+    """The truth PSF of a visit-detector: seeing-driven size, smooth variation over the CCD."""
     cam = spec.camera
     f0 = plan.seeing / cam.pixel_scale
     var = spec.psf_fwhm_variation
@@ -84,7 +84,8 @@ def _on_detector(wcs: WCS, ra: np.ndarray, dec: np.ndarray, width: int, height: 
     if near.any():
         x[near], y[near] = wcs.all_world2pix(ra[near], dec[near], 0, tolerance=1e-10,
                                              maxiter=50, quiet=True)
-    keep = near & (x > -margin) & (x < width - 1 + margin) & (y > -margin) & (y < height - 1 + margin)
+    keep = (near & (x > -margin) & (x < width - 1 + margin)
+            & (y > -margin) & (y < height - 1 + margin))
     return x, y, keep
 
 

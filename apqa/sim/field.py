@@ -9,7 +9,6 @@ import pandas as pd
 
 from apqa.sim.camera import detector_wcs
 from apqa.sim.catalogs import (
-    MJD_J2016,
     SkyRegion,
     add_variability,
     gaia_like_errors,
@@ -20,9 +19,8 @@ from apqa.sim.catalogs import (
 )
 from apqa.sim.datasets import DatasetSpec
 
-#: Object id = KIND_BASE[kind] + running index, so ids are unique across kinds.
-KIND_BASE = {"star": 100_000_000, "galaxy": 200_000_000, "transient": 300_000_000,
-             "asteroid": 400_000_000}
+#: Object kinds; an object id is (kind code) * 10**15 + (sky cell) * 10**6 + running index.
+KIND_BASE = {"star": 1, "galaxy": 2, "transient": 3, "asteroid": 4}
 
 
 @dataclass(frozen=True)
@@ -43,16 +41,30 @@ class VisitPlan:
     cloud_extinction: float  # mag
 
 
-def plan_visits(spec: DatasetSpec, n_visits: int, n_templates: int,
-                rng: np.random.Generator) -> list[VisitPlan]:
-    """Templates (deep, good seeing, a year earlier), then science visits night by night."""
+def night_reference_mjd(spec: DatasetSpec, night: int) -> float:
+    """The reference MJD of a night (science nights >= 0, template nights < 0)."""
+    if night >= 0:
+        return spec.mjd_start + night * spec.night_spacing
+    return spec.template_mjd + (-1 - night)
+
+
+def plan_visits(spec: DatasetSpec, n_visits: int, n_templates: int, seed: int,
+                stream: int) -> list[VisitPlan]:
+    """Templates (deep, good seeing, a year earlier), then science visits night by night.
+
+    Each visit's conditions come from its own random stream keyed by (seed, visit id).
+    """
     plans = []
     for j in range(n_templates):
-        plans.append(_plan(spec, rng, spec.first_template_visit + j, True, -1 - j,
-                           spec.template_mjd + j, spec.template_exptime, spec.template_seeing))
+        visit = spec.first_template_visit + j
+        rng = np.random.default_rng(np.random.SeedSequence([seed, stream, visit]))
+        plans.append(_plan(spec, rng, visit, True, -1 - j, night_reference_mjd(spec, -1 - j),
+                           spec.template_exptime, spec.template_seeing))
     for i in range(n_visits):
+        visit = spec.first_visit + i
+        rng = np.random.default_rng(np.random.SeedSequence([seed, stream, visit]))
         night, k = divmod(i, spec.visits_per_night)
-        mjd = spec.mjd_start + night * spec.night_spacing + k * 0.06
+        mjd = night_reference_mjd(spec, night) + k * 0.06
         seeing = spec.seeing_median * float(rng.lognormal(0.0, spec.seeing_spread))
         plans.append(_plan(spec, rng, spec.first_visit + i, False, night, mjd, spec.exptime,
                            float(np.clip(seeing, 0.7 * spec.seeing_median,
@@ -101,6 +113,7 @@ class SkyField:
     stars: pd.DataFrame
     galaxies: pd.DataFrame
     transients: pd.DataFrame
+    refcat: pd.DataFrame
     asteroids: dict[int, pd.DataFrame] = field(default_factory=dict)
 
     def objects_table(self) -> pd.DataFrame:
@@ -114,31 +127,74 @@ class SkyField:
         return pd.concat(parts, ignore_index=True).set_index("object_id", drop=False)
 
 
+CELL_DEG = 0.1
+_CELL_OFFSET = 100_000  # keeps SeedSequence entropy non-negative
+_OBJECTS_PER_CELL = 1_000_000
+
+
+def _cells(spec: DatasetSpec, region: SkyRegion) -> list[tuple[int, int, SkyRegion]]:
+    """Fixed sky cells (CELL_DEG on a side at the field centre) overlapping ``region``."""
+    width_ra = CELL_DEG / np.cos(np.deg2rad(spec.field_dec))
+    i0 = int(np.floor((region.ra_min - spec.field_ra) / width_ra))
+    i1 = int(np.floor((region.ra_max - spec.field_ra) / width_ra))
+    j0 = int(np.floor((region.dec_min - spec.field_dec) / CELL_DEG))
+    j1 = int(np.floor((region.dec_max - spec.field_dec) / CELL_DEG))
+    return [
+        (i, j, SkyRegion(spec.field_ra + i * width_ra, spec.field_ra + (i + 1) * width_ra,
+                         spec.field_dec + j * CELL_DEG, spec.field_dec + (j + 1) * CELL_DEG))
+        for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)
+    ]
+
+
+def _ids(kind: str, cell_key: int, n: int) -> np.ndarray:
+    code = list(KIND_BASE).index(kind) + 1
+    return code * 10**15 + cell_key * _OBJECTS_PER_CELL + np.arange(n, dtype=np.int64)
+
+
 def make_sky(spec: DatasetSpec, plans: list[VisitPlan], region: SkyRegion,
-             rng: np.random.Generator, asteroid_seed: np.random.SeedSequence) -> SkyField:
-    """Draw the sky for a dataset: stars, galaxies, transients and per-night asteroids."""
-    stars = make_stars(spec, region, rng)
-    add_variability(stars, spec.variable_fraction, rng)
-    stars.insert(0, "object_id", KIND_BASE["star"] + np.arange(len(stars)))
-    galaxies = make_galaxies(spec, region, rng)
-    galaxies.insert(0, "object_id", KIND_BASE["galaxy"] + np.arange(len(galaxies)))
-    science = [p.mjd for p in plans if not p.is_template] or [spec.mjd_start]
-    transients = make_transients(spec, region, galaxies, (min(science), max(science)), rng)
-    transients.insert(0, "object_id", KIND_BASE["transient"] + np.arange(len(transients)))
-    host_ids = galaxies["object_id"].to_numpy()
-    idx = transients["host_index"].to_numpy()
-    transients["host_id"] = np.where(idx >= 0, host_ids[np.clip(idx, 0, None)], -1) \
-        if len(galaxies) else -1
-    transients = transients.drop(columns="host_index")
-    asteroids = {}
+             seed: int, stream: int) -> SkyField:
+    """Draw the sky of a dataset cell by cell: stars, galaxies, transients, asteroids.
+
+    Each fixed sky cell has its own random stream keyed by (seed, cell), so the sky does not
+    depend on how many visits or detectors are simulated: a larger run sees the same objects.
+    """
+    parts: dict[str, list[pd.DataFrame]] = {
+        "stars": [], "galaxies": [], "transients": [], "refcat": []}
     nights = sorted({p.night for p in plans})
-    for night, child in zip(nights, asteroid_seed.spawn(len(nights)), strict=True):
-        night_mjd = float(np.mean([p.mjd for p in plans if p.night == night]))
-        ast = make_asteroids(spec, region, night_mjd, np.random.default_rng(child))
-        base = KIND_BASE["asteroid"] + (night + 100) * 100_000
-        ast.insert(0, "object_id", base + np.arange(len(ast)))
-        asteroids[night] = ast
-    return SkyField(region, stars, galaxies, transients, asteroids)
+    asteroids: dict[int, list[pd.DataFrame]] = {night: [] for night in nights}
+    transient_window = (spec.mjd_start, spec.mjd_start + 60.0)
+    for i, j, cell in _cells(spec, region):
+        key = (i + _CELL_OFFSET) * 2 * _CELL_OFFSET + (j + _CELL_OFFSET)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, stream, key]))
+        cell_key = (i + 500) * 1000 + (j + 500)
+        stars = make_stars(spec, cell, rng)
+        add_variability(stars, spec.variable_fraction, rng)
+        stars.insert(0, "object_id", _ids("star", cell_key, len(stars)))
+        galaxies = make_galaxies(spec, cell, rng)
+        galaxies.insert(0, "object_id", _ids("galaxy", cell_key, len(galaxies)))
+        transients = make_transients(spec, cell, galaxies, transient_window, rng)
+        transients.insert(0, "object_id", _ids("transient", cell_key, len(transients)))
+        idx = transients.pop("host_index").to_numpy()
+        host_ids = galaxies["object_id"].to_numpy()
+        transients["host_id"] = (np.where(idx >= 0, host_ids[np.clip(idx, 0, None)], -1)
+                                 if len(galaxies) else np.full(len(idx), -1))
+        parts["refcat"].append(reference_catalog(spec, stars, rng))
+        parts["stars"].append(stars)
+        parts["galaxies"].append(galaxies)
+        parts["transients"].append(transients)
+        for night in nights:
+            night_rng = np.random.default_rng(
+                np.random.SeedSequence([seed, stream, key, night + 1000]))
+            ast = make_asteroids(spec, cell, night_reference_mjd(spec, night), night_rng)
+            ast.insert(0, "object_id", _ids("asteroid", cell_key, len(ast))
+                       + (night + 1000) * 10_000)
+            asteroids[night].append(ast)
+    return SkyField(
+        region,
+        *(pd.concat(parts[name], ignore_index=True) for name in ("stars", "galaxies",
+                                                                 "transients", "refcat")),
+        asteroids={night: pd.concat(dfs, ignore_index=True) for night, dfs in asteroids.items()},
+    )
 
 
 def reference_catalog(spec: DatasetSpec, stars: pd.DataFrame,
@@ -178,6 +234,3 @@ def reference_catalog(spec: DatasetSpec, stars: pd.DataFrame,
         cat[f"{band}_magErr"] = mag_err
     return cat
 
-
-__all__ = ["MJD_J2016", "KIND_BASE", "SkyField", "VisitPlan", "covered_region", "make_sky",
-           "plan_visits", "reference_catalog"]

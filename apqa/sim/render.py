@@ -192,9 +192,9 @@ def streak_image(shape: tuple[int, int], x0: float, y0: float, angle_deg: float,
     Returns the boolean map of pixels within 5 sigma of the line and the streak's electrons.
     """
     height, width = shape
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     nx, ny = -np.sin(np.deg2rad(angle_deg)), np.cos(np.deg2rad(angle_deg))
-    dist = (xx - x0) * nx + (yy - y0) * ny
+    dist = ((np.arange(width, dtype=np.float32) - np.float32(x0)) * np.float32(nx))[None, :] \
+        + ((np.arange(height, dtype=np.float32) - np.float32(y0)) * np.float32(ny))[:, None]
     near = np.abs(dist) < 5 * sigma_px
     values = np.zeros(shape, np.float32)
     values[near] = (e_per_px_length / (np.sqrt(2 * np.pi) * sigma_px)

@@ -30,7 +30,6 @@ from apqa.sim.field import (
     covered_region,
     make_sky,
     plan_visits,
-    reference_catalog,
 )
 from apqa.sim.instrument import DetectorCalibration, make_detector_calibration
 
@@ -38,7 +37,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
 # Stream labels for SeedSequence: one independent stream per purpose.
-_PLAN, _SKY, _DETECTOR, _EXPOSURE, _ASTEROIDS, _REFCAT = range(1, 7)
+_PLAN, _SKY, _DETECTOR, _EXPOSURE = range(1, 5)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -59,7 +58,7 @@ class SurveySimulator:
         self.config = config
         self.spec: DatasetSpec = get_dataset(config.dataset)
         self.plans: list[VisitPlan] = plan_visits(
-            self.spec, config.n_visits, config.n_template_visits, _rng(config.seed, _PLAN))
+            self.spec, config.n_visits, config.n_template_visits, config.seed, _PLAN)
         self._calibs: dict[int, DetectorCalibration] = {}
 
     @property
@@ -76,12 +75,11 @@ class SurveySimulator:
     @cached_property
     def sky(self) -> SkyField:
         region = covered_region(self.spec, self.plans, self.config.n_detectors)
-        return make_sky(self.spec, self.plans, region, _rng(self.config.seed, _SKY),
-                        np.random.SeedSequence([self.config.seed, _ASTEROIDS]))
+        return make_sky(self.spec, self.plans, region, self.config.seed, _SKY)
 
     @cached_property
     def refcat(self) -> pd.DataFrame:
-        return reference_catalog(self.spec, self.sky.stars, _rng(self.config.seed, _REFCAT))
+        return self.sky.refcat
 
     def calibration(self, detector: int) -> DetectorCalibration:
         if detector not in self._calibs:

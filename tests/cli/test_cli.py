@@ -1,0 +1,133 @@
+"""The command line, through Typer's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from apqa import __version__
+from apqa.cli.app import register_commands
+from apqa.datamodel import Exposure
+
+runner = CliRunner()
+app = register_commands()
+APQA = shutil.which("apqa") or str(Path(sys.executable).parent / "apqa")
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"apqa {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout and "apqa simulate" in result.stdout
+    result = runner.invoke(app, ["simulate", "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout and "--dataset" in result.stdout
+
+
+def test_simulate_writes_dataset(tmp_path):
+    out = tmp_path / "sim"
+    result = runner.invoke(app, ["simulate", "--dataset", "hits-sim", "--visits", "1",
+                                 "--seed", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "hits-sim" and manifest["seed"] == 4
+    assert manifest["template_visits"] == [400001] and manifest["science_visits"] == [410001]
+    assert len(manifest["exposures"]) == 2
+    for entry in manifest["exposures"]:
+        for key in ("raw", "bias", "flat", "defects"):
+            assert (out / entry[key]).is_file()
+    raw = Exposure.from_fits(out / manifest["exposures"][1]["raw"])
+    assert raw.shape == (4096, 2048)
+    assert raw.visit_info.visit == 410001 and raw.visit_info.band == "g"
+    assert raw.wcs.has_celestial and raw.detector_info.gain == 4.0
+    for table in manifest["truth"].values():
+        assert (out / table).is_file()
+    assert (out / manifest["refcat"]).is_file()
+    # No temporary folders are left next to the output.
+    assert [p.name for p in tmp_path.iterdir()] == ["sim"]
+
+
+def _assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_unknown_dataset_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "nothing"
+    result = runner.invoke(app, ["simulate", "--dataset", "nope-sim", "--out", str(out)])
+    _assert_one_line_error(result, "nope-sim", "hits-sim")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("dataset: cosmos-sim\nn_visit: 3\n")
+    result = runner.invoke(app, ["simulate", "--config", str(config), "--out",
+                                 str(tmp_path / "x")])
+    _assert_one_line_error(result, str(config), "n_visit")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_config_value_and_missing_config(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("n_visits: -2\n")
+    result = runner.invoke(app, ["simulate", "--config", str(config), "--out",
+                                 str(tmp_path / "x")])
+    _assert_one_line_error(result, "n_visits")
+    result = runner.invoke(app, ["simulate", "--config", str(tmp_path / "missing.yaml"),
+                                 "--out", str(tmp_path / "x")])
+    _assert_one_line_error(result, "missing.yaml", "not found")
+
+
+def test_existing_output_is_not_clobbered(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["simulate", "--out", str(out)])
+    _assert_one_line_error(result, str(out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_config_file_is_used_and_options_override(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("dataset: cosmos-sim\nn_visits: 5\nseed: 9\n")
+    out = tmp_path / "c"
+    result = runner.invoke(app, ["simulate", "--config", str(config), "--visits", "1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "cosmos-sim" and manifest["seed"] == 9
+    assert manifest["config"]["n_visits"] == 1
+    assert len(manifest["config_hash"]) == 16
+
+
+@pytest.mark.slow
+def test_console_script_as_subprocess(tmp_path):
+    env = {**os.environ, "COLUMNS": "100"}
+    version = subprocess.run([APQA, "--version"], capture_output=True, text=True, env=env,
+                             check=False)
+    assert version.returncode == 0 and version.stdout.strip() == f"apqa {__version__}"
+    bad = subprocess.run([APQA, "simulate", "--dataset", "x", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: dataset 'x'")
+    assert "Traceback" not in bad.stderr
+    ok = subprocess.run([APQA, "simulate", "--dataset", "crowded-sim", "--visits", "1",
+                         "--out", str(tmp_path / "bulge")], capture_output=True, text=True,
+                        env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "crowded-sim: 2 exposures" in ok.stdout
