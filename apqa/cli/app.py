@@ -21,6 +21,7 @@ app = typer.Typer(
         "Examples:\n\n"
         "  apqa simulate --dataset hits-sim --out sim-out\n\n"
         "  apqa simulate --dataset crowded-sim --visits 2 --detectors 2 --seed 3 --out bulge\n\n"
+        "  apqa inspect bulge/raw/raw_520001_01.fits\n\n"
         "  apqa --version"
     ),
     no_args_is_help=True,
@@ -57,8 +58,7 @@ def fail(message: str) -> typer.Exit:
 
 def main() -> None:
     """Console-script entry point: turns apqa errors into one line and exit code 2."""
-    from apqa.cli import simulate  # noqa: F401  (registers the command)
-
+    register_commands()
     try:
         app()
     except ApqaError as exc:
@@ -68,6 +68,6 @@ def main() -> None:
 
 def register_commands() -> typer.Typer:
     """Import every command module so that ``app`` is complete (used by tests)."""
-    from apqa.cli import simulate  # noqa: F401
+    from apqa.cli import inspect, simulate  # noqa: F401
 
     return app

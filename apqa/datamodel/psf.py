@@ -19,6 +19,9 @@ import galsim
 import numpy as np
 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
+#: The Moffat profile is tapered smoothly to zero between this fraction of the truncation
+#: radius and the truncation radius.
+TAPER_START = np.float32(0.7)
 
 
 @runtime_checkable
@@ -87,7 +90,8 @@ def render_moffat_stamps(
     beta
         Moffat index.
     trunc
-        Truncation radius in units of the FWHM.
+        Truncation radius in units of the FWHM; the profile tapers smoothly to zero from
+        ``TAPER_START * trunc`` to ``trunc``.
     size
         Odd stamp side in pixels.
     order
@@ -118,11 +122,16 @@ def render_moffat_stamps(
     r2 = (b * xs) * ys  # r2 is the only full-size (N, S*O, S*O) array
     r2 += a * xs * xs
     r2 += c * ys * ys
-    rmax2 = (trunc * np.asarray(fwhm, np.float64)) ** 2 / alpha2
-    outside = r2 > rmax2.astype(np.float32).reshape(n, 1, 1)
+    rmax2 = ((trunc * np.asarray(fwhm, np.float64)) ** 2 / alpha2).astype(np.float32)
+    # Soft truncation: a smoothstep taper in r^2 from (TAPER_START * R)^2 to R^2, so bright
+    # stars show no hard-edged ring at the truncation radius.
+    s = r2 / rmax2.reshape(n, 1, 1)
     r2 += np.float32(1.0)
     profile = np.power(r2, np.float32(-beta), out=r2)
-    profile[outside] = 0.0
+    s -= TAPER_START**2
+    s *= np.float32(1.0 / (1.0 - TAPER_START**2))
+    u = np.clip(s, 0.0, 1.0, out=s)
+    profile *= 1.0 - u * u * (3.0 - 2.0 * u)
     # Weighted sum over each pixel's order x order nodes (strided adds beat a reshape-sum).
     stamps = np.zeros((n, size, size), np.float32)
     for i in range(order):

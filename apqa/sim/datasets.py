@@ -93,7 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
         seeing_median=1.3, seeing_spread=0.15, template_seeing=1.05,
         sky_mag=22.0, zp_e_per_s=26.0, extinction=0.18,
         first_visit=410_001, first_template_visit=400_001,
-        mjd_start=61040.1, template_mjd=60680.1,
+        mjd_start=61040.1, template_mjd=60680.1, star_mag_min=11.5,
     ),
     "cosmos-sim": DatasetSpec(
         name="cosmos-sim",
@@ -105,7 +105,7 @@ DATASETS: dict[str, DatasetSpec] = {
         first_visit=11_690, first_template_visit=1_228,
         mjd_start=61045.5, template_mjd=60685.5,
         visits_per_night=3, dither_arcsec=30.0,
-        star_density=5000.0, star_mag_min=16.0, star_mag_max=25.0,
+        star_density=5000.0, star_mag_min=13.0, star_mag_max=25.0,
         galaxy_density=200_000.0, galaxy_mag_max=26.0, galaxy_hlr_at_20=0.8,
         transient_density=300.0, transient_mag_max=25.0,
         asteroid_density=20.0, asteroid_mag_max=24.5, refcat_mag_max=20.7,

@@ -122,7 +122,7 @@ def simulate_exposure(spec: DatasetSpec, plan: VisitPlan, detector: int, sky: Sk
     true_wcs = detector_wcs(cam, detector, plan.boresight_ra, plan.boresight_dec, plan.rotation)
     psf = visit_psf(spec, plan, rng)
     zp_e = zero_point_electrons(spec, plan)
-    zp_adu = zp_e + 2.5 * np.log10(cam.gain)
+    zp_adu = zp_e - 2.5 * np.log10(cam.gain)  # one ADU is `gain` electrons: a brighter source
     photo_calib = PhotoCalib.from_zero_point(zp_adu)
     e_per_njy = cam.gain / photo_calib.calibration_mean
     margin = psf.stamp_size() / 2
@@ -223,7 +223,7 @@ def simulate_exposure(spec: DatasetSpec, plan: VisitPlan, detector: int, sky: Sk
             np.deg2rad(plan.boresight_dec)),
         plan.boresight_dec + rng.normal(0, 1.5) / 3600, plan.rotation + rng.normal(0, 0.005))
     nominal_calib = PhotoCalib.from_zero_point(
-        spec.zp_e_per_s + 2.5 * np.log10(plan.exptime * cam.gain)
+        spec.zp_e_per_s + 2.5 * np.log10(plan.exptime / cam.gain)
         - spec.extinction * (plan.airmass - 1), 0.1)
     visit_info = VisitInfo(
         visit=plan.visit, detector=detector, band=spec.band,
