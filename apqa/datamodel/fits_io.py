@@ -32,7 +32,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.mask import Mask
 from apqa.datamodel.photocalib import PhotoCalib
-from apqa.datamodel.psf import GridPsf, MoffatPsf, Psf
+from apqa.datamodel.psf import GridPsf, MoffatPsf, PolynomialPsf, Psf
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
 from apqa.errors import InputError
 
@@ -80,12 +80,17 @@ def _psf_hdu(psf: Psf) -> fits.ImageHDU:
         for name in ("fwhm", "g1", "g2"):
             for i, c in enumerate(getattr(psf, f"{name}_coeffs")):
                 hdu.header[f"HIERARCH PSF_{name.upper()}_{i}"] = float(c)
+    elif isinstance(psf, PolynomialPsf):
+        hdu.header["PSFTYPE"] = ("POLY", "pixel basis; coefficients in HDU PSF_COEFFS")
+        hdu.header["PSFW"], hdu.header["PSFH"] = psf.width, psf.height
+        hdu.header["PSFPORD"] = (psf.order, "polynomial order of the spatial variation")
     else:
         hdu.header["PSFTYPE"] = ("GRID", "bilinear interpolation between grid kernels")
     return hdu
 
 
-def _psf_from_hdu(hdu: fits.ImageHDU, source: str) -> Psf:
+def _psf_from_hdu(hdu: fits.ImageHDU, source: str,
+                  coeff_hdu: fits.ImageHDU | None = None) -> Psf:
     h = hdu.header
     try:
         if h.get("PSFTYPE") == "MOFFAT":
@@ -99,6 +104,11 @@ def _psf_from_hdu(hdu: fits.ImageHDU, source: str) -> Psf:
                 beta=float(h["PSFBETA"]), trunc=float(h["PSFTRUNC"]),
                 order=int(h.get("PSFORDER", 2)),
             )
+        if h.get("PSFTYPE") == "POLY":
+            if coeff_hdu is None:
+                raise KeyError("HDU PSF_COEFFS")
+            return PolynomialPsf(int(h["PSFW"]), int(h["PSFH"]),
+                                 np.asarray(coeff_hdu.data, np.float64), int(h["PSFPORD"]))
         nx, ny = int(h["PSFNX"]), int(h["PSFNY"])
         xs = [h[f"PSFX{i}"] for i in range(nx)]
         ys = [h[f"PSFY{j}"] for j in range(ny)]
@@ -163,6 +173,9 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
     hdus = [primary, image, mask, variance]
     if exposure.psf is not None:
         hdus.append(_psf_hdu(exposure.psf))
+        if isinstance(exposure.psf, PolynomialPsf):
+            hdus.append(fits.ImageHDU(exposure.psf.coefficients.astype(np.float64),
+                                      name="PSF_COEFFS"))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -365,7 +378,9 @@ def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     photo_calib = None
     if "PHOTCAL" in primary:
         photo_calib = PhotoCalib(float(primary["PHOTCAL"]), float(primary.get("PHOTCALE", 0.0)))
-    psf = _psf_from_hdu(hdul["PSF"], source) if "PSF" in names else None
+    psf = (_psf_from_hdu(hdul["PSF"], source,
+                         hdul["PSF_COEFFS"] if "PSF_COEFFS" in names else None)
+           if "PSF" in names else None)
     metadata = fits.Header([c for c in primary.cards if c.keyword not in _RESERVED])
     return Exposure(
         image=image, variance=variance, mask=mask, psf=psf, wcs=wcs, photo_calib=photo_calib,

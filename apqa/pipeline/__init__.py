@@ -1,0 +1,1 @@
+"""The embedded alert-production pipeline: single-visit processing, differencing, DIA."""
