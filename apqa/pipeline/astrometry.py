@@ -566,6 +566,12 @@ def fit_astrometry(
 
     assert model is not None  # n_iterations >= 1
     order = max(p + q for p, q in model.terms)
+    if order < config.sip_order and wcs.sip is not None:
+        # Too few stars for the distortion polynomial: keep the header's distortion (the
+        # camera model) and fit only an affine correction to it.
+        model = _affine_on_header(wcs, sx[si][used], sy[si][used], r_ra[ri][used],
+                                  r_dec[ri][used], (height, width), config, poly_scale)
+        order = max(p + q for p, q in model.terms)
     out_wcs, inverse_error = _build_wcs(model, (height, width),
                                         config.sip_order + config.inverse_extra_order)
     _check_round_trip(out_wcs, width, height)
@@ -585,6 +591,26 @@ def fit_astrometry(
         initial_pairs=int(n_pairs), sip_order=int(order), n_refs_in_image=int(near.size),
         inverse_max_error_px=inverse_error,
     )
+
+
+def _affine_on_header(wcs: WCS, x: np.ndarray, y: np.ndarray, ra: np.ndarray, dec: np.ndarray,
+                      shape: tuple[int, int], config: AstrometryConfig,
+                      poly_scale: float) -> _TanPoly:
+    """The header WCS composed with an affine pixel correction fitted to the matches,
+    re-expressed as a full-order TAN polynomial through a dense grid of points."""
+    height, width = shape
+    hx, hy = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, quiet=True)
+    design = np.column_stack([np.ones_like(x), x, y])
+    coeff = _solve(design, np.column_stack([hx, hy]))  # (3, 2): source pixel -> header pixel
+    gx, gy = np.meshgrid(np.linspace(0, width - 1, 17), np.linspace(0, height - 1, 33))
+    gx, gy = gx.ravel(), gy.ravel()
+    mapped = np.column_stack([np.ones_like(gx), gx, gy]) @ coeff
+    g_ra, g_dec = wcs.all_pix2world(mapped[:, 0], mapped[:, 1], 0)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    ra0, dec0 = (float(t[0]) for t in wcs.all_pix2world([cx], [cy], 0))
+    ra0, dec0, c_xi, c_eta = _fit_tan_poly(gx - cx, gy - cy, g_ra, g_dec, np.ones_like(gx),
+                                           config.sip_order, poly_scale, ra0, dec0)
+    return _TanPoly(ra0, dec0, cx, cy, _terms(config.sip_order), c_xi, c_eta)
 
 
 def _check_round_trip(out_wcs: WCS, width: int, height: int, tol_px: float = 1e-3) -> None:

@@ -19,7 +19,12 @@ from apqa.log import get_logger
 from apqa.pipeline.detect import detect_sources, windowed_moments
 from apqa.pipeline.isr import estimate_fwhm
 from apqa.pipeline.photometry import aperture_correction, aperture_flux, psf_flux
-from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, select_psf_candidates
+from apqa.pipeline.psf_model import (
+    PsfModelConfig,
+    fit_psf,
+    isolated_sources,
+    select_psf_candidates,
+)
 
 log = get_logger(__name__)
 SIGMA_TO_FWHM = 2.3548
@@ -51,7 +56,8 @@ class CharacterizeResult:
     quality: dict[str, float] = field(default_factory=dict)
 
 
-def _background(image: np.ndarray, masked: np.ndarray, config: CharacterizeConfig) -> sep.Background:
+def _background(image: np.ndarray, masked: np.ndarray,
+                config: CharacterizeConfig) -> sep.Background:
     return sep.Background(np.ascontiguousarray(image, np.float32), mask=masked,
                           bw=config.background_mesh, bh=config.background_mesh,
                           fw=config.background_filter, fh=config.background_filter)
@@ -121,9 +127,15 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         background = bkg.back()
         sub = image - background
         sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, config)
-        grow = max(1, int(round(config.mask_grow_fwhm * fwhm)))
+        grow = max(1, round(config.mask_grow_fwhm * fwhm))
         source_mask = binary_dilation(segmap > 0, iterations=grow)
         candidates = select_psf_candidates(sources, fwhm, config.psf)
+        if len(candidates) < 2 * config.psf.min_stars:
+            # Small images and sparse fields: accept fainter, less isolated stars.
+            relaxed = config.psf.model_copy(update={
+                "min_snr": min(config.psf.min_snr, 15.0),
+                "isolation_fwhm": min(config.psf.isolation_fwhm, 2.0)})
+            candidates = select_psf_candidates(sources, fwhm, relaxed)
         fit = fit_psf(sub, variance, candidates, fwhm, image.shape, config.psf, labels=segmap)
         fwhm = fit.psf.fwhm
         log.debug("characterize iteration %d: %d sources, %d PSF stars, FWHM %.3f px",
@@ -134,13 +146,15 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
     flux, flux_err, chi2, ndata = psf_flux(sub, variance, usable, fit.psf, sources["x"],
                                            sources["y"])
     used = fit.stars.index[fit.stars["psf_used"]]
-    ap_corr, ap_corr_err = aperture_correction(flux[used], sources.loc[used, "apFlux"])
+    ap_corr, ap_corr_err = aperture_correction(flux[used], sources.loc[used, "apFlux"],
+                                               sources.loc[used, "apFluxErr"])
     sources["psfFlux"] = flux * ap_corr
     sources["psfFluxErr"] = flux_err * ap_corr
     sources["psfChi2"] = chi2
     sources["psfNdata"] = ndata
     sources["calib_psf_used"] = sources.index.isin(used)
     sources["calib_psf_candidate"] = sources.index.isin(fit.stars.index)
+    sources["isolated"] = isolated_sources(sources, config.psf.isolation_fwhm * fwhm)
     # Extended sources lose light in a PSF fit compared with the large aperture.
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = sources["psfFlux"] / sources["apFlux"]

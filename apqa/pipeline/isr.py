@@ -56,13 +56,13 @@ def estimate_fwhm(image: np.ndarray, mask: np.ndarray) -> float:
     bkg = sep.Background(data, mask=mask)
     sub = data - bkg.back()
     sep.set_extract_pixstack(2_000_000)
-    objects = sep.extract(sub, 30.0, err=bkg.globalrms, mask=mask, minarea=9)
-    if len(objects) < 5:
+    objects = sep.extract(sub, 20.0, err=bkg.globalrms, mask=mask, minarea=9)
+    if len(objects) < 3:
         return float("nan")
     radius, flag = sep.flux_radius(sub, objects["x"], objects["y"], 6.0 * objects["a"], 0.5,
                                    normflux=objects["flux"], subpix=5)
     radius = radius[(flag == 0) & (objects["flag"] == 0) & (radius > 0.8)]
-    if radius.size < 5:
+    if radius.size < 3:
         return float("nan")
     return float(2.0 * np.percentile(radius, 35))
 
@@ -135,7 +135,9 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
     mask.set("NO_DATA", no_data)
 
     gain = det.gain if np.isfinite(det.gain) and det.gain > 0 else None
-    if gain is not None:
+    # Only raw pixels still hold their photon counts; a user's reduced (often sky-subtracted)
+    # image keeps the variance it was read with (measured from its own pixels).
+    if is_raw and gain is not None:
         read_var = (det.read_noise / gain) ** 2 if np.isfinite(det.read_noise) else 0.0
         variance = counts_before_flat / np.float32(gain) + np.float32(read_var)
         if flat is not None:
@@ -143,6 +145,9 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
                 variance = variance / np.where(bad, 1.0, flat.image) ** 2
     else:
         variance = raw.variance.copy()
+        if flat is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                variance = variance / np.where(bad, 1.0, flat.image) ** 2
     variance = variance.astype(np.float32)
     unusable = bad | no_data
     image[unusable] = 0.0

@@ -58,21 +58,42 @@ def psf_flux(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf: P
 
 
 def aperture_flux(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, x: np.ndarray,
-                  y: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Circular aperture flux, error and sep flags (exact pixel overlap)."""
+                  y: np.ndarray, radius: float, annulus: tuple[float, float] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Circular aperture flux, error and sep flags (exact pixel overlap).
+
+    With ``annulus`` (inner, outer radius), the mean of the annulus is subtracted as a local
+    background: in crowded fields unresolved stars raise every aperture alike.
+    """
+    var = np.where(np.isfinite(variance), variance, 0).astype(np.float32)
     flux, err, flag = sep.sum_circle(
         np.ascontiguousarray(image, np.float32), np.asarray(x, float), np.asarray(y, float),
-        radius, var=np.ascontiguousarray(variance, np.float32), mask=masked, subpix=0)
+        radius, var=var, mask=masked, subpix=0, bkgann=annulus)
     return flux, err, flag
 
 
-def aperture_correction(psf_flux_values: np.ndarray, ap_flux_values: np.ndarray) -> tuple[
-        float, float]:
-    """Median ratio of aperture to PSF flux for PSF stars, and its error."""
-    ratio = ap_flux_values / psf_flux_values
-    ratio = ratio[np.isfinite(ratio)]
-    if ratio.size == 0:
+def aperture_correction(psf_flux_values: np.ndarray, ap_flux_values: np.ndarray,
+                        ap_flux_err: np.ndarray, clip: float = 3.0) -> tuple[float, float]:
+    """Aperture-to-PSF flux ratio of PSF stars: inverse-variance weighted, sigma-clipped mean.
+
+    The large aperture's noise dominates each ratio, so bright stars get the weight they
+    deserve (a plain median of faint and bright stars alike is several times noisier).
+    Returns (correction, error).
+    """
+    ratio = np.asarray(ap_flux_values) / np.asarray(psf_flux_values)
+    sigma = np.abs(ratio) * np.asarray(ap_flux_err) / np.abs(np.asarray(ap_flux_values))
+    ok = np.isfinite(ratio) & np.isfinite(sigma) & (sigma > 0)
+    if not ok.any():
         return 1.0, 0.0
-    median = float(np.median(ratio))
-    mad = 1.4826 * float(np.median(np.abs(ratio - median)))
-    return median, mad / np.sqrt(ratio.size)
+    used = ok.copy()
+    mean = float(np.median(ratio[ok]))
+    for _ in range(10):
+        w = 1.0 / sigma[used] ** 2
+        mean = float(np.sum(w * ratio[used]) / np.sum(w))
+        new = ok & (np.abs(ratio - mean) < clip * sigma)
+        if new.sum() < 3 or np.array_equal(new, used):
+            break
+        used = new
+    w = 1.0 / sigma[used] ** 2
+    chi2 = float(np.sum(w * (ratio[used] - mean) ** 2) / max(used.sum() - 1, 1))
+    return mean, float(np.sqrt(max(chi2, 1.0) / np.sum(w)))

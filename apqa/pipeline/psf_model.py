@@ -22,7 +22,7 @@ class PsfModelConfig(ConfigModel):
     min_snr: float = Field(30.0, gt=0)
     max_snr: float = Field(1e5, gt=0)
     max_stars: int = Field(400, ge=5)
-    min_stars: int = Field(5, ge=3, description="fewer PSF stars: the stage fails")
+    min_stars: int = Field(3, ge=2, description="fewer PSF stars: the stage fails")
     size_tolerance: float = Field(0.15, gt=0, description="allowed fractional size scatter")
     isolation_fwhm: float = Field(3.0, gt=0, description="no brighter-than-1% neighbour within")
     stamp_radius_fwhm: float = Field(3.0, gt=0, description="kernel half-size in FWHM")
@@ -43,6 +43,22 @@ class PsfFitResult:
     residual_chi2: float  # median chi^2/dof of the PSF stars
 
 
+def isolated_sources(sources: pd.DataFrame, radius: float,
+                     max_ratio: float = 0.01) -> np.ndarray:
+    """True for sources with no neighbour brighter than ``max_ratio`` of them within
+    ``radius`` pixels (``sources`` needs x, y, flux)."""
+    xy = sources[["x", "y"]].to_numpy()
+    flux = sources["flux"].to_numpy()
+    tree = cKDTree(xy)
+    i, j = tree.query_pairs(radius, output_type="ndarray").T if len(xy) > 1 else (
+        np.zeros(0, int), np.zeros(0, int))
+    spoiled = np.zeros(len(xy), bool)
+    # A pair spoils the fainter source always and the brighter one if the ratio is large.
+    spoiled[i[flux[j] > max_ratio * flux[i]]] = True
+    spoiled[j[flux[i] > max_ratio * flux[j]]] = True
+    return ~spoiled
+
+
 def select_psf_candidates(sources: pd.DataFrame, fwhm: float,
                           config: PsfModelConfig) -> pd.DataFrame:
     """Bright, unflagged, isolated point-like sources.
@@ -52,18 +68,8 @@ def select_psf_candidates(sources: pd.DataFrame, fwhm: float,
     """
     ok = ((sources["snr"] > config.min_snr) & (sources["snr"] < config.max_snr)
           & ~sources["bad_pixels"] & (sources["flux"] > 0))
-    cand = sources[ok]
-    if len(cand) == 0:
-        return cand
-    # Isolation: no neighbour brighter than 1% of the star within isolation_fwhm * FWHM.
-    tree = cKDTree(sources[["x", "y"]].to_numpy())
-    pairs = tree.query_ball_point(cand[["x", "y"]].to_numpy(), config.isolation_fwhm * fwhm)
-    flux = sources["flux"].to_numpy()
-    index = sources.index
-    isolated = np.array([
-        all(flux[j] < 0.01 * f or index[j] == i for j in near)
-        for i, f, near in zip(cand.index, cand["flux"].to_numpy(), pairs, strict=True)])
-    cand = cand[isolated]
+    isolated = isolated_sources(sources, config.isolation_fwhm * fwhm)
+    cand = sources[ok & isolated]
     if len(cand) < 3:
         return cand
     # The stellar locus is the first tight cluster from the small end: stars share one size,

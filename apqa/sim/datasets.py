@@ -105,10 +105,11 @@ DATASETS: dict[str, DatasetSpec] = {
         first_visit=11_690, first_template_visit=1_228,
         mjd_start=61045.5, template_mjd=60685.5,
         visits_per_night=3, dither_arcsec=30.0,
-        star_density=5000.0, star_mag_min=13.0, star_mag_max=25.0,
+        star_density=10_000.0, star_mag_min=13.0, star_mag_max=25.0,
         galaxy_density=200_000.0, galaxy_mag_max=26.0, galaxy_hlr_at_20=0.8,
         transient_density=300.0, transient_mag_max=25.0,
-        asteroid_density=20.0, asteroid_mag_max=24.5, refcat_mag_max=20.7,
+        asteroid_density=20.0, asteroid_mag_max=24.5,
+        refcat_mag_max=22.5,  # a PS1-depth reference: HSC saturates near Gaia's faint end
     ),
     "crowded-sim": DatasetSpec(
         name="crowded-sim",
