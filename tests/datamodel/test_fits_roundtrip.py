@@ -310,3 +310,22 @@ def test_newer_format_version_is_refused(make_exposure, tmp_path):
     with pytest.raises(InputError, match="newer than this apqa reads") as info:
         Exposure.from_fits(path)
     assert str(path) in str(info.value)
+
+
+def test_polynomial_psf_round_trip(tmp_path):
+    import numpy as np
+
+    from apqa.datamodel import Exposure, PolynomialPsf
+
+    rng = np.random.default_rng(3)
+    coeffs = rng.normal(0, 0.01, (6, 11, 11))
+    coeffs[0, 5, 5] += 1.0
+    psf = PolynomialPsf(64, 128, coeffs, order=2)
+    exposure = Exposure(np.zeros((128, 64)), np.ones((128, 64)), psf=psf)
+    path = tmp_path / "poly.fits"
+    exposure.write_fits(path)
+    back = Exposure.from_fits(path, require_wcs=False).psf
+    assert isinstance(back, PolynomialPsf) and back.order == 2
+    assert np.array_equal(back.coefficients, psf.coefficients)
+    for x, y in ((0.0, 0.0), (31.5, 90.0), (63.0, 127.0)):
+        assert np.array_equal(back.image_at(x, y), psf.image_at(x, y))
