@@ -126,7 +126,13 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         bkg = _background(image, masked | source_mask, config)
         background = bkg.back()
         sub = image - background
-        sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, config)
+        # Early passes only feed PSF-star selection (S/N > 30) and the background's source
+        # mask: a higher threshold there saves the deblending of faint sources in crowded
+        # fields; the last pass detects down to the configured threshold.
+        last = iteration == config.n_iterations - 1
+        pass_config = config if last else config.model_copy(
+            update={"detection_threshold": max(config.detection_threshold, 10.0)})
+        sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, pass_config)
         grow = max(1, round(config.mask_grow_fwhm * fwhm))
         source_mask = binary_dilation(segmap > 0, iterations=grow)
         candidates = select_psf_candidates(sources, fwhm, config.psf)
