@@ -1,0 +1,1 @@
+"""Image differencing: template warping, Alard-Lupton with decorrelation, and ZOGY."""
