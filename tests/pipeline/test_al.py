@@ -1,0 +1,113 @@
+"""Alard-Lupton PSF matching with decorrelation, on aligned synthetic pairs with known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apqa.errors import StageError
+from apqa.pipeline.diffim.al import AlConfig, al_subtract, decorrelation_kernel
+from apqa.pipeline.photometry import psf_flux
+
+from .synthetic_pairs import make_pair
+
+
+def _source_free(pair, shape, radius=15, edge=40):
+    far = np.ones(shape, bool)
+    for x, y, _ in np.vstack([pair.stars, pair.transients]):
+        far[max(0, int(y) - radius):int(y) + radius + 1,
+            max(0, int(x) - radius):int(x) + radius + 1] = False
+    far[:edge] = far[-edge:] = False
+    far[:, :edge] = far[:, -edge:] = False
+    return far
+
+
+def _median_chi(pair, diff, min_flux=2e4, half=9):
+    chis = []
+    for x, y, flux in pair.stars:
+        if flux < min_flux:
+            continue
+        ix, iy = round(x), round(y)
+        box = np.s_[iy - half:iy + half + 1, ix - half:ix + half + 1]
+        chis.append(np.sqrt(np.mean(diff.image[box] ** 2 / diff.variance[box])))
+    return float(np.median(chis))
+
+
+@pytest.fixture(scope="module")
+def template_sharper():
+    pair = make_pair(fwhm_science=4.5, fwhm_template=3.5, flux_ratio=1.3,
+                     transient_flux=(5000.0,), vanished_flux=(-5000.0,), seed=4)
+    return pair, al_subtract(pair.science, pair.template)
+
+
+@pytest.fixture(scope="module")
+def science_sharper():
+    pair = make_pair(fwhm_science=3.5, fwhm_template=4.5, flux_ratio=1.3,
+                     sigma_science=3.0, sigma_template=5.0,
+                     transient_flux=(5000.0,), vanished_flux=(-5000.0,), seed=5)
+    return pair, al_subtract(pair.science, pair.template)
+
+
+@pytest.mark.parametrize("name", ["template_sharper", "science_sharper"])
+def test_noise_matches_variance_plane(name, request):
+    pair, result = request.getfixturevalue(name)
+    diff = result.difference
+    far = _source_free(pair, diff.shape)
+    ratio = np.std(diff.image[far] / np.sqrt(diff.variance[far]))
+    assert ratio == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["template_sharper", "science_sharper"])
+def test_transient_fluxes_and_signs(name, request):
+    pair, result = request.getfixturevalue(name)
+    diff = result.difference
+    flux, err, _, _ = psf_flux(diff.image, diff.variance, np.ones(diff.shape, bool), diff.psf,
+                               pair.transients[:, 0], pair.transients[:, 1])
+    appeared, vanished = pair.transients[:, 2] > 0, pair.transients[:, 2] < 0
+    assert flux[appeared] == pytest.approx(pair.transients[appeared, 2], rel=0.01)
+    assert flux[vanished] == pytest.approx(pair.transients[vanished, 2], rel=0.02)
+    assert np.all(err > 0)
+
+
+def test_kernel_sum_is_the_photometric_ratio(template_sharper, science_sharper):
+    _, convolve_template = template_sharper
+    _, convolve_science = science_sharper
+    assert convolve_template.quality["convolved"] == 0.0
+    assert convolve_template.quality["kernel_sum"] == pytest.approx(1 / 1.3, rel=0.01)
+    assert convolve_science.quality["convolved"] == 1.0
+    assert convolve_science.quality["kernel_sum"] == pytest.approx(1.3, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["template_sharper", "science_sharper"])
+def test_constant_stars_leave_noise(name, request):
+    pair, result = request.getfixturevalue(name)
+    assert _median_chi(pair, result.difference) <= 1.1
+
+
+def test_difference_psf_is_normalized_and_broadened(template_sharper):
+    pair, result = template_sharper
+    kernel = result.difference.psf.image_at(256.0, 256.0)
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-6)
+    assert result.difference.psf.fwhm_at(256.0, 256.0) > 0.9 * pair.science.psf.fwhm_at(256, 256)
+
+
+def test_decorrelation_kernel_preserves_flux_and_whitens():
+    half = 10
+    r2 = np.arange(-half, half + 1)[:, None] ** 2 + np.arange(-half, half + 1)[None, :] ** 2
+    kernel = np.exp(-r2 / 8.0)
+    kernel *= 0.8 / kernel.sum()
+    phi = decorrelation_kernel(kernel, 25.0, 9.0, 41)
+    assert phi.sum() == pytest.approx(1.0)
+    assert phi[20, 20] == phi.max()
+    # The difference's noise spectrum u_var + c_var |K|^2 times |phi|^2 is flat.
+    n = 128
+    k_hat = np.abs(np.fft.fft2(kernel, s=(n, n)))
+    phi_hat = np.abs(np.fft.fft2(phi, s=(n, n)))
+    spectrum = (25.0 + 9.0 * k_hat**2) * phi_hat**2
+    assert np.ptp(spectrum) / spectrum.mean() < 0.02
+
+
+def test_too_few_candidates_is_a_stage_error():
+    pair = make_pair(n_stars=3, transient_flux=(), vanished_flux=())
+    with pytest.raises(StageError, match=r"too few kernel candidates: found \d+"):
+        al_subtract(pair.science, pair.template, AlConfig(min_candidates=10))
