@@ -23,6 +23,7 @@ app = typer.Typer(
         "  apqa simulate --dataset crowded-sim --visits 2 --detectors 2 --seed 3 --out bulge\n\n"
         "  apqa inspect bulge/raw/raw_520001_01.fits\n\n"
         "  apqa process --exposure image.fits --refcat gaia.parquet --out proc\n\n"
+        "  apqa diff --science new.fits --template ref.fits --out diff.fits\n\n"
         "  apqa --version"
     ),
     no_args_is_help=True,
@@ -69,6 +70,6 @@ def main() -> None:
 
 def register_commands() -> typer.Typer:
     """Import every command module so that ``app`` is complete (used by tests)."""
-    from apqa.cli import inspect, process, simulate  # noqa: F401
+    from apqa.cli import diff, inspect, process, simulate  # noqa: F401
 
     return app

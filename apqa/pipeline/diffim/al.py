@@ -42,7 +42,9 @@ class AlConfig(ConfigModel):
     cell_size: int = Field(128, description="candidate grid cell (pixels)")
     per_cell: int = Field(5, description="brightest candidates kept per cell")
     max_candidates: int = Field(150, description="cap on kernel stamps (the fit's cost)")
-    min_candidates: int = Field(10, description="fewer usable stamps: StageError")
+    min_candidates: int = Field(3, description="fewer usable stamps: StageError")
+    min_spatial_candidates: int = Field(
+        15, description="fewer stamps: spatially constant kernel and background")
     clip_sigma: float = 3.0
     n_clip: int = 3
     decorrelate: bool = True
@@ -271,8 +273,12 @@ def al_subtract(science: Exposure, template: Exposure,
                             basis)  # (n, b, m, m)
     u = (ix - cx) / (science.width / 2)
     v = (iy - cy) / (science.height / 2)
-    kterms = _spatial_terms(u, v, config.spatial_order)  # (n, s)
-    bterms = _spatial_terms(u, v, config.background_order)  # (n, q)
+    # Small images hold few stars: then the kernel and background cannot vary spatially.
+    few = ix.size < config.min_spatial_candidates
+    spatial_order = 0 if few else config.spatial_order
+    background_order = 0 if few else config.background_order
+    kterms = _spatial_terms(u, v, spatial_order)  # (n, s)
+    bterms = _spatial_terms(u, v, background_order)  # (n, q)
     n, nb, m, _ = conv.shape
     ns, nq = kterms.shape[1], bterms.shape[1]
     # Columns: basis 0 (constant), basis 1.. x spatial terms, background terms.
@@ -322,8 +328,7 @@ def al_subtract(science: Exposure, template: Exposure,
     matched = parts[0]
     if ns > 1:
         matched += uu * parts[1] + vv * parts[2]
-    background = _spatial_terms(uu, vv, config.background_order) @ cb.astype(np.float32) \
-        if nq else 0.0
+    background = _spatial_terms(uu, vv, background_order) @ cb.astype(np.float32)
     diff = target.image - matched - background
     ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)
     matched_var = _fft_convolve_same(ref_var, [kernel_c**2])[0]
