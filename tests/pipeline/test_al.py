@@ -111,3 +111,21 @@ def test_too_few_candidates_is_a_stage_error():
     pair = make_pair(n_stars=3, transient_flux=(), vanished_flux=())
     with pytest.raises(StageError, match=r"too few kernel candidates: found \d+"):
         al_subtract(pair.science, pair.template, AlConfig(min_candidates=10))
+
+
+def test_al_and_zogy_agree_on_a_bright_transient():
+    from apqa.pipeline.diffim.zogy import ZogyConfig, zogy_subtract
+
+    pair = make_pair(fwhm_science=4.5, fwhm_template=3.5, flux_ratio=1.0,
+                     transient_flux=(20000.0,), vanished_flux=(), seed=9)
+    x, y = pair.transients[:, 0], pair.transients[:, 1]
+    fluxes = []
+    for diff in (al_subtract(pair.science, pair.template).difference,
+                 # Tiles of 256 px follow this small image's PSF variation as 1024-px tiles
+                 # follow a 4k detector's.
+                 zogy_subtract(pair.science, pair.template,
+                               ZogyConfig(tile_size=256)).difference):
+        usable = np.isfinite(diff.variance)
+        fluxes.append(psf_flux(diff.image, diff.variance, usable, diff.psf, x, y)[0][0])
+    assert fluxes[0] == pytest.approx(fluxes[1], rel=0.01)
+    assert fluxes[0] == pytest.approx(20000.0, rel=0.01)

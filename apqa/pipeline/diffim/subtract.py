@@ -84,5 +84,9 @@ def subtract(science: Exposure, template: Exposure,
         result = DiffimResult(zogy.difference, dict(zogy.quality))
         score = zogy.score
     result.quality["template_coverage"] = coverage
-    result.quality["noise_ratio"] = _noise_ratio(result.difference, science, template)
+    # ZOGY may rescale its variance plane to the measured noise: its own noise_ratio is the
+    # one before rescaling and stays; the ratio of the final product is reported beside it.
+    measured = _noise_ratio(result.difference, science, template)
+    result.quality.setdefault("noise_ratio", measured)
+    result.quality["noise_ratio_final"] = measured
     return result, score
