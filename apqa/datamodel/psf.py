@@ -141,8 +141,22 @@ def render_moffat_stamps(
     return stamps.astype(np.float32, copy=False)
 
 
+class _CcdFwhm:
+    """``fwhm_at`` and ``fwhm`` for models defined over a ``width`` x ``height`` CCD."""
+
+    width: int
+    height: int
+
+    def fwhm_at(self, x: float, y: float) -> float:
+        return measure_fwhm(self.image_at(x, y))  # type: ignore[attr-defined]
+
+    @property
+    def fwhm(self) -> float:
+        return self.fwhm_at((self.width - 1) / 2, (self.height - 1) / 2)
+
+
 @dataclass
-class MoffatPsf:
+class MoffatPsf(_CcdFwhm):
     """Analytic, spatially varying, elliptical, truncated Moffat PSF.
 
     FWHM (pixels) and reduced shear (g1, g2) vary as 2nd-order polynomials of
@@ -199,13 +213,6 @@ class MoffatPsf:
         return render_moffat_stamps(
             np.zeros(1), np.zeros(1), fwhm, g1, g2, self.beta, self.trunc, size, self.order
         )[0]
-
-    def fwhm_at(self, x: float, y: float) -> float:
-        return measure_fwhm(self.image_at(x, y))
-
-    @property
-    def fwhm(self) -> float:
-        return self.fwhm_at((self.width - 1) / 2, (self.height - 1) / 2)
 
     def to_grid(self, nx: int = 5, ny: int = 9) -> GridPsf:
         """Sample onto an image grid (what non-apqa readers of the FITS file see)."""
@@ -286,7 +293,7 @@ def n_polynomial_terms(order: int) -> int:
 
 
 @dataclass
-class PolynomialPsf:
+class PolynomialPsf(_CcdFwhm):
     """A PSFEx-like pixel-basis PSF: each kernel pixel is a polynomial of position on the CCD.
 
     Parameters
@@ -333,13 +340,6 @@ class PolynomialPsf:
 
     def image_at(self, x: float, y: float) -> np.ndarray:
         return self.images_at(np.atleast_1d(x), np.atleast_1d(y))[0]
-
-    def fwhm_at(self, x: float, y: float) -> float:
-        return measure_fwhm(self.image_at(x, y))
-
-    @property
-    def fwhm(self) -> float:
-        return self.fwhm_at((self.width - 1) / 2, (self.height - 1) / 2)
 
     def to_grid(self, nx: int = 5, ny: int = 9) -> GridPsf:
         xs = np.linspace(0, self.width - 1, nx)
