@@ -92,6 +92,16 @@ def _spatial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     return np.stack(terms, axis=-1)
 
 
+def _background_image(uu: np.ndarray, vv: np.ndarray, order: int,
+                      coeffs: np.ndarray) -> np.ndarray:
+    """The fitted differential background from row/column coordinate vectors."""
+    terms = [np.float32(1.0), uu, vv, uu * uu, uu * vv, vv * vv][:len(coeffs)]
+    out = np.zeros((vv.shape[0], uu.shape[1]), np.float32)
+    for c, t in zip(coeffs, terms, strict=True):
+        out += c * t
+    return out
+
+
 def _select_candidates(target: Exposure, other: Exposure, fwhm: float, stamp_half: int,
                        config: AlConfig) -> tuple[np.ndarray, np.ndarray]:
     """Bright, clean sources spread over the image: up to ``per_cell`` per grid cell."""
@@ -319,16 +329,16 @@ def al_subtract(science: Exposure, template: Exposure,
     ksum = float(kernel_c.sum())
 
     height, width = science.shape
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    uu = (xx - np.float32(cx)) / np.float32(width / 2)
-    vv = (yy - np.float32(cy)) / np.float32(height / 2)
-    del xx, yy
+    # Row and column vectors: broadcasting avoids two full-size coordinate images.
+    uu = ((np.arange(width, dtype=np.float32) - np.float32(cx)) / np.float32(width / 2))[None, :]
+    vv = ((np.arange(height, dtype=np.float32) - np.float32(cy))
+          / np.float32(height / 2))[:, None]
     ref_data = np.where(ref.mask.is_set("NO_DATA"), 0, ref.image)
     parts = _fft_convolve_same(ref_data, kernels)
     matched = parts[0]
     if ns > 1:
         matched += uu * parts[1] + vv * parts[2]
-    background = _spatial_terms(uu, vv, background_order) @ cb.astype(np.float32)
+    background = _background_image(uu, vv, background_order, cb.astype(np.float32))
     diff = target.image - matched - background
     ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)
     matched_var = _fft_convolve_same(ref_var, [kernel_c**2])[0]
