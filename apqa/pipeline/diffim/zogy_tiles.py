@@ -1,0 +1,195 @@
+"""ZOGY's FFT grids and tiling: zero-padded buffers, the filtering of one region into D, S and
+their variances, and the overlapping tiles that follow spatially varying PSFs.
+
+Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the main flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import fft as sfft
+
+from apqa.pipeline.diffim.zogy_kernels import _kernel_spectrum, _Kernels, _zogy_kernels
+from apqa.pipeline.diffim.zogy_noise import _astrometric_variance
+
+if TYPE_CHECKING:
+    from apqa.pipeline.diffim.zogy import ZogyConfig
+
+#: Half-width (pixels) of the blending ramps between tiles.
+_TILE_BLEND = 32
+
+
+def _padded_shape(shape: tuple[int, int], pad: int) -> tuple[int, int]:
+    """FFT grid: the image plus ``pad`` zero pixels along each axis, rounded to a fast length.
+
+    Circular convolution with a kernel of half-width h wraps pixels no further than h, so with
+    ``pad >= h`` the zeros, not the opposite edge of the image, are what wraps onto the image.
+    """
+    return _fast_even(shape[0] + pad), _fast_even(shape[1] + pad)
+
+
+def _fast_even(n: int) -> int:
+    """Smallest even length >= n that pocketfft transforms fast.
+
+    pocketfft is fast for lengths with factors 2, 3, 5, 7 and 11 (``real=True`` would allow
+    only 2, 3 and 5 and pad 4096 + 41 to 4320 instead of 4158). Even lengths let the smoothed
+    detection images be computed on every second pixel (:func:`_smoothed_half`).
+    """
+    n = sfft.next_fast_len(n)
+    while n % 2:
+        n = sfft.next_fast_len(n + 1)
+    return n
+
+
+def _padded_product(values: np.ndarray, weights: np.ndarray, bad: np.ndarray,
+                    pshape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``values * weights`` (0 on bad pixels) in a zero-padded FFT buffer of ``pshape``.
+
+    Returns (view of the image part, whole buffer); building the product in place saves the
+    copy that ``rfft2(..., s=pshape)`` would make.
+    """
+    buf = np.zeros(pshape, np.float32)
+    view = buf[:values.shape[0], :values.shape[1]]
+    np.multiply(values, weights, out=view)
+    np.copyto(view, np.float32(0), where=bad)  # after the product: NaN * 0 stays NaN
+    return view, buf
+
+
+@dataclass
+class _Tile:
+    """The kernels of one tile and the largest PSF re-centring applied for them."""
+
+    kernels: _Kernels
+    shift: float
+
+
+def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf_vr: np.ndarray,
+                   kernels: _Kernels, out_shape: tuple[int, int],
+                   astrometric_sigma: tuple[float, float], workers: int,
+                   n_hat: np.ndarray | None = None, r_hat: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """D, S (not yet normalized), var(D) and var(S) of one region.
+
+    ``buf_*`` are the region's (weighted) images and variances, zero-padded to the FFT grid;
+    they are overwritten. ``D = k_dn (x) N - k_dr (x) R``, ``S = D (x) P_D(-x)``, and the
+    variances are the variance planes through the squared kernels.
+    """
+    fshape = buf_n.shape
+    height, width = out_shape
+
+    def spectrum(kernel: np.ndarray) -> np.ndarray:
+        return _kernel_spectrum(kernel, fshape, workers)
+
+    def crop(spec: np.ndarray, overwrite: bool = True) -> np.ndarray:
+        return sfft.irfft2(spec, s=fshape, workers=workers,
+                           overwrite_x=overwrite)[:height, :width]
+
+    def filtered(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Transform of sum(kernel (x) image) over (kernel, image transform) pairs."""
+        total = spectrum(pairs[0][0])
+        total *= pairs[0][1]
+        for kernel, image_hat in pairs[1:]:
+            term = spectrum(kernel)
+            term *= image_hat
+            total += term
+        return total
+
+    if n_hat is None:
+        n_hat = sfft.rfft2(buf_n, workers=workers, overwrite_x=True)
+    if r_hat is None:
+        r_hat = sfft.rfft2(buf_r, workers=workers, overwrite_x=True)
+    d_hat = filtered([(kernels.d_science, n_hat), (-kernels.d_template, r_hat)])
+    diff = crop(d_hat, overwrite=False)  # d_hat is needed again for the score
+    pd_hat = spectrum(kernels.psf_d)
+    np.conjugate(pd_hat, out=pd_hat)
+    d_hat *= pd_hat
+    del pd_hat
+    score = crop(d_hat)
+    del d_hat
+    vn_hat = sfft.rfft2(buf_vn, workers=workers, overwrite_x=True)
+    vr_hat = sfft.rfft2(buf_vr, workers=workers, overwrite_x=True)
+    var_d = crop(filtered([(kernels.d_science**2, vn_hat), (kernels.d_template**2, vr_hat)]))
+    var_s = crop(filtered([(kernels.s_science**2, vn_hat), (kernels.s_template**2, vr_hat)]))
+    del vn_hat, vr_hat
+    sigma_ast_n, sigma_ast_r = astrometric_sigma
+    if sigma_ast_n > 0 or sigma_ast_r > 0:
+        var_s += _astrometric_variance(n_hat, r_hat, spectrum(kernels.s_science),
+                                       spectrum(kernels.s_template), sigma_ast_n, sigma_ast_r,
+                                       fshape, out_shape, workers)
+    return diff, score, var_d, var_s
+
+
+def _cell_bounds(n: int, tile_size: int | None) -> np.ndarray:
+    """Boundaries of the tiles along one axis: about ``tile_size`` pixels each."""
+    count = 1 if tile_size is None else max(1, round(n / tile_size))
+    return np.round(np.linspace(0, n, count + 1)).astype(int)
+
+
+def _partition(n: int, bounds: np.ndarray, blend: int) -> list[np.ndarray]:
+    """1-d weights of the cells between ``bounds``, summing to 1 at every pixel.
+
+    Each inner boundary is crossed by a raised-cosine ramp ``2 blend`` pixels wide, so
+    neighbouring tiles' results (from slightly different PSFs) fade into each other without
+    a seam.
+    """
+    centres = np.arange(n) + 0.5  # pixel i covers [i, i + 1); boundary b lies before pixel b
+
+    def step(b: int) -> np.ndarray:
+        t = np.clip((centres - (b - blend)) / (2 * blend), 0.0, 1.0)
+        return 0.5 - 0.5 * np.cos(np.pi * t)
+
+    weights = []
+    for i in range(len(bounds) - 1):
+        w = np.ones(n)
+        if i > 0:
+            w *= step(bounds[i])
+        if i < len(bounds) - 2:
+            w *= 1.0 - step(bounds[i + 1])
+        weights.append(w.astype(np.float32))
+    return weights
+
+
+def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
+                  wvar_r: np.ndarray, cell_psfs: list[tuple[np.ndarray, np.ndarray, float]],
+                  cells_y: np.ndarray, cells_x: np.ndarray, kernel_args: tuple, psf_size: int,
+                  pad: int, config: ZogyConfig
+                  ) -> tuple[list[_Tile], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Tiled ZOGY: each tile with the PSFs at its centre, results blended across overlaps.
+
+    A tile's region extends past its cell by the blending half-width plus the kernel radius,
+    so every pixel kept is computed from complete data (the kernels are exactly that wide);
+    only real image edges see the zero padding. Variances are blended with the same weights
+    (neighbouring tiles' kernels are nearly identical, so their noise is nearly the same).
+    """
+    height, width = img_n.shape
+    radius = kernel_args[4]
+    blend = _TILE_BLEND
+    wy = _partition(height, cells_y, blend)
+    wx = _partition(width, cells_x, blend)
+    outputs = tuple(np.zeros((height, width), np.float32) for _ in range(4))
+    tiles = []
+    for j in range(len(cells_y) - 1):
+        y0 = max(0, cells_y[j] - blend - radius)
+        y1 = min(height, cells_y[j + 1] + blend + radius)
+        for i in range(len(cells_x) - 1):
+            x0 = max(0, cells_x[i] - blend - radius)
+            x1 = min(width, cells_x[i + 1] + blend + radius)
+            pn, pr, shift = cell_psfs[j * (len(cells_x) - 1) + i]
+            kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size)
+            tiles.append(_Tile(kernels, shift))
+            region = (slice(y0, y1), slice(x0, x1))
+            fshape = (_fast_even(y1 - y0 + pad), _fast_even(x1 - x0 + pad))
+            bufs = []
+            for values in (img_n, img_r, wvar_n, wvar_r):
+                buf = np.zeros(fshape, np.float32)
+                buf[:y1 - y0, :x1 - x0] = values[region]
+                bufs.append(buf)
+            parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0),
+                                   config.astrometric_sigma, config.workers)
+            weight = wy[j][y0:y1, None] * wx[i][None, x0:x1]
+            for total, part in zip(outputs, parts, strict=True):
+                total[region] += weight * part
+    return tiles, outputs
