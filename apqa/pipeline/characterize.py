@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import binary_dilation, uniform_filter
+from scipy.ndimage import binary_dilation
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
@@ -63,6 +63,15 @@ def _background(image: np.ndarray, masked: np.ndarray,
                           fw=config.background_filter, fh=config.background_filter)
 
 
+def _any_in_box(flags: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    """For each (ix, iy): is any flag set within the (2 half + 1)^2 box? (summed-area table)."""
+    table = np.pad(flags.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    height, width = flags.shape
+    y0, y1 = np.clip(iy - half, 0, height), np.clip(iy + half + 1, 0, height)
+    x0, x1 = np.clip(ix - half, 0, width), np.clip(ix + half + 1, 0, width)
+    return (table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]) > 0
+
+
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
                        flagged: np.ndarray, fwhm: float, config: CharacterizeConfig
                        ) -> tuple[pd.DataFrame, np.ndarray]:
@@ -84,17 +93,16 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarr
     snr = ap / np.where(ap_err > 0, ap_err, np.inf)
     ixx, iyy, ixy = windowed_moments(data, x, y, sigma)
     # Any saturated, bad, cosmic-ray or interpolated pixel within 2 FWHM flags the source.
-    box = max(3, int(4 * fwhm) | 1)
-    near_flag = uniform_filter(flagged.astype(np.float32), box) > 0
     ix = np.clip(np.rint(x).astype(int), 0, image.shape[1] - 1)
     iy = np.clip(np.rint(y).astype(int), 0, image.shape[0] - 1)
+    near_flag = _any_in_box(flagged, ix, iy, max(1, int(2 * fwhm)))
     position_err = sigma / np.clip(snr, 1e-3, None)
     catalog = pd.DataFrame({
         "x": x, "y": y, "xErr": position_err, "yErr": position_err,
         "flux": ap, "apFlux": ap, "apFluxErr": ap_err, "snr": snr,
         "ixx": ixx, "iyy": iyy, "ixy": ixy, "npix": found["npix"].to_numpy(),
         "sep_flag": found["sep_flag"].to_numpy() | ap_flag,
-        "bad_pixels": near_flag[iy, ix] | ~np.isfinite(ixx),
+        "bad_pixels": near_flag | ~np.isfinite(ixx),
         "blended": found["blended"].to_numpy(),
     })
     return catalog, segmap
@@ -116,7 +124,10 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
     variance = exposure.variance
     if not np.isfinite(image[~masked]).any() or np.ptp(image[~masked]) == 0:
         raise StageError("image is flat or empty: no background or sources to measure")
-    fwhm = estimate_fwhm(image, masked | flagged)
+    # ISR already estimated the FWHM (FWHMEST); measuring it again costs a detection pass.
+    fwhm = float(exposure.metadata.get("FWHMEST", np.nan))
+    if not np.isfinite(fwhm):
+        fwhm = estimate_fwhm(image, masked | flagged)
     if not np.isfinite(fwhm):
         seeing = exposure.visit_info.seeing if exposure.visit_info else float("nan")
         fwhm = 3.0 if not np.isfinite(seeing) else seeing / 0.2
@@ -131,7 +142,8 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         # fields; the last pass detects down to the configured threshold.
         last = iteration == config.n_iterations - 1
         pass_config = config if last else config.model_copy(
-            update={"detection_threshold": max(config.detection_threshold, 10.0)})
+            update={"detection_threshold": max(config.detection_threshold, 10.0),
+                    "deblend_contrast": 1.0})  # 1.0 switches deblending off
         sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, pass_config)
         grow = max(1, round(config.mask_grow_fwhm * fwhm))
         source_mask = binary_dilation(segmap > 0, iterations=grow)
