@@ -52,8 +52,7 @@ def test_transients_recovered(difference, calexps):
     truth, _ = calexps["science"]
     diff = result.difference
     x, y, flux_njy = _point_sources(truth, diff)
-    if x.size == 0:
-        pytest.skip("no transient in this simulated field")
+    assert x.size > 0, "this seed's field must hold a transient"
     flux, err, _, _ = psf_flux(diff.image, diff.variance, ~diff.mask.is_set(["NO_DATA", "SAT"]),
                                diff.psf, x, y)
     measured = diff.photo_calib.to_njy(flux)
