@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.fft as sfft
 from pydantic import Field
 from scipy.signal import fftconvolve
@@ -102,22 +103,29 @@ def _background_image(uu: np.ndarray, vv: np.ndarray, order: int,
     return out
 
 
-def _select_candidates(target: Exposure, other: Exposure, fwhm: float, stamp_half: int,
-                       config: AlConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Bright, clean sources spread over the image: up to ``per_cell`` per grid cell."""
+def _detect_candidates(target: Exposure, fwhm: float, config: AlConfig) -> pd.DataFrame:
+    """Sources of the target image above the candidate S/N (x, y, snr)."""
     masked = target.mask.is_set(["NO_DATA", "BAD", "SAT"])
     found, _ = detect_sources(target.image, target.variance, masked, fwhm,
                               threshold=config.candidate_min_snr)
-    snr = found["peak_snr"].to_numpy()
-    x, y = found["x"].to_numpy(), found["y"].to_numpy()
+    return pd.DataFrame({"x": found["x"], "y": found["y"], "snr": found["peak_snr"]})
+
+
+def _select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposure,
+                       stamp_half: int, config: AlConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Clean candidates spread over the image: up to ``per_cell`` per grid cell, brightest
+    first, none whose stamp touches a flagged pixel in either image."""
+    snr = candidates["snr"].to_numpy(float)
+    x, y = candidates["x"].to_numpy(float), candidates["y"].to_numpy(float)
     margin = stamp_half + 2
-    ok = ((snr < config.candidate_max_snr) & (x > margin) & (y > margin)
+    ok = ((snr >= config.candidate_min_snr) & (snr < config.candidate_max_snr)
+          & (x > margin) & (y > margin)
           & (x < target.width - 1 - margin) & (y < target.height - 1 - margin))
     bad = target.mask.is_set([p for p in _STAMP_FLAGS if p in target.mask.planes]) | \
         other.mask.is_set([p for p in _STAMP_FLAGS if p in other.mask.planes])
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     # Reject stamps touching flagged pixels in either image (summed-area table lookup).
-    table = np.pad(bad.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    table = np.pad(bad.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     h = stamp_half
     y0, y1 = np.clip(iy - h, 0, target.height), np.clip(iy + h + 1, 0, target.height)
     x0, x1 = np.clip(ix - h, 0, target.width), np.clip(ix + h + 1, 0, target.width)
@@ -240,12 +248,14 @@ def _robust_var(image: np.ndarray, variance: np.ndarray, good: np.ndarray) -> fl
     return float(np.median(values)) if values.size else float("nan")
 
 
-def al_subtract(science: Exposure, template: Exposure,
-                config: AlConfig | None = None) -> DiffimResult:
+def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
+                candidates: pd.DataFrame | None = None) -> DiffimResult:
     """Difference ``science - matched template`` in science flux units, decorrelated.
 
     Both exposures must be on the same pixel grid, background-subtracted, with PSF models and
-    variance planes. The sharper image is convolved (Rubin's ``auto`` choice).
+    variance planes. The sharper image is convolved (Rubin's ``auto`` choice). ``candidates``
+    (x, y, snr of static sources, e.g. from characterization) saves a detection pass; by default
+    the unconvolved image is searched.
 
     Raises
     ------
@@ -271,7 +281,9 @@ def al_subtract(science: Exposure, template: Exposure,
     half = size // 2
     basis = _gaussian_poly_basis(sigmas, config.basis_degrees, half)
     stamp_half = half + int(np.ceil(max(fwhm_s, fwhm_t)))
-    ix, iy = _select_candidates(target, ref, max(fwhm_s, fwhm_t), stamp_half + half, config)
+    if candidates is None:
+        candidates = _detect_candidates(target, max(fwhm_s, fwhm_t), config)
+    ix, iy = _select_candidates(candidates, target, ref, stamp_half + half, config)
     if ix.size < config.min_candidates:
         raise StageError(f"AL: too few kernel candidates: found {ix.size} clean stars with "
                          f"S/N {config.candidate_min_snr:g}-{config.candidate_max_snr:g}, need "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import Field
 
 from apqa.config import ConfigModel
@@ -31,21 +32,25 @@ class DiffConfig(ConfigModel):
     al: AlConfig = Field(default_factory=AlConfig)
     zogy: ZogyConfig = Field(default_factory=ZogyConfig)
     warp: WarpConfig = Field(default_factory=WarpConfig)
-    characterize: CharacterizeConfig = Field(default_factory=CharacterizeConfig)
+    # One detection pass suffices to model the PSF for differencing.
+    characterize: CharacterizeConfig = Field(
+        default_factory=lambda: CharacterizeConfig(n_iterations=1))
     isr: IsrConfig = Field(default_factory=IsrConfig)
 
 
-def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None) -> Exposure:
-    """Background-subtracted exposure with a PSF model.
+def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
+                     ) -> tuple[Exposure, pd.DataFrame | None]:
+    """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) is used as it is; any
     other image goes through ISR (masks, cosmic rays; no bias or flat) and characterization.
     """
     config = config or DiffConfig()
     if str(exposure.metadata.get("OBSTYPE", "")).lower() == "calexp" and exposure.psf:
-        return exposure
+        return exposure, None
     isr = run_isr(exposure, config=config.isr)
-    return characterize(isr.exposure, config.characterize).exposure
+    result = characterize(isr.exposure, config.characterize)
+    return result.exposure, result.sources[["x", "y", "snr"]]
 
 
 def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) -> float:
@@ -60,12 +65,14 @@ def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) ->
     return float(1.4826 * np.median(np.abs(z - np.median(z))))
 
 
-def subtract(science: Exposure, template: Exposure,
-             config: DiffConfig | None = None) -> tuple[DiffimResult, np.ndarray | None]:
+def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = None,
+             science_sources: pd.DataFrame | None = None
+             ) -> tuple[DiffimResult, np.ndarray | None]:
     """Difference of two prepared exposures (see :func:`prepare_exposure`).
 
-    Returns the result (difference exposure and quality numbers) and, for ZOGY, the score
-    image S_corr (None for AL).
+    ``science_sources`` (x, y, snr), when known, give AL its kernel candidates without another
+    detection pass. Returns the result (difference exposure and quality numbers) and, for
+    ZOGY, the score image S_corr (None for AL).
     """
     config = config or DiffConfig()
     if science.visit_info and template.visit_info and \
@@ -78,7 +85,7 @@ def subtract(science: Exposure, template: Exposure,
         template, coverage = warped.exposure, warped.coverage
     score = None
     if config.algorithm == "al":
-        result = al_subtract(science, template, config.al)
+        result = al_subtract(science, template, config.al, candidates=science_sources)
     else:
         zogy = zogy_subtract(science, template, config.zogy)
         result = DiffimResult(zogy.difference, dict(zogy.quality))
