@@ -43,7 +43,7 @@ def diff(
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
     from apqa.datamodel import Exposure
-    from apqa.pipeline.diffim.subtract import DiffConfig, prepare_exposure, subtract
+    from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 
     console = Console(stderr=True)
     try:
@@ -54,10 +54,8 @@ def diff(
         with console.status("reading") as status:
             sci = Exposure.from_fits(science)
             tmp = Exposure.from_fits(template)
-            status.update("[bold]characterizing science")
-            sci, sci_sources = prepare_exposure(sci, cfg)
-            status.update("[bold]characterizing template")
-            tmp, _ = prepare_exposure(tmp, cfg)
+            status.update("[bold]characterizing science and template")
+            sci, tmp, sci_sources = prepare_pair(sci, tmp, cfg)
             status.update(f"[bold]subtracting ({algorithm})")
             result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources)
         result.difference.write_fits(out)
