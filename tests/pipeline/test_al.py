@@ -129,3 +129,11 @@ def test_al_and_zogy_agree_on_a_bright_transient():
         fluxes.append(psf_flux(diff.image, diff.variance, usable, diff.psf, x, y)[0][0])
     assert fluxes[0] == pytest.approx(fluxes[1], rel=0.01)
     assert fluxes[0] == pytest.approx(20000.0, rel=0.01)
+
+
+def test_without_decorrelation_the_variance_plane_still_holds():
+    pair = make_pair(fwhm_science=4.5, fwhm_template=3.5, flux_ratio=1.3, seed=12)
+    diff = al_subtract(pair.science, pair.template, AlConfig(decorrelate=False)).difference
+    far = _source_free(pair, diff.shape)
+    ratio = np.std(diff.image[far] / np.sqrt(diff.variance[far]))
+    assert ratio == pytest.approx(1.0, abs=0.02)

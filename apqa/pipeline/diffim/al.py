@@ -352,8 +352,6 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         matched += uu * parts[1] + vv * parts[2]
     background = _background_image(uu, vv, background_order, cb.astype(np.float32))
     diff = target.image - matched - background
-    ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)
-    matched_var = _fft_convolve_same(ref_var, [kernel_c**2])[0]
 
     good = ~(science.mask.is_set(["NO_DATA", "SAT", "BAD"])
              | template.mask.is_set(["NO_DATA", "SAT", "BAD"]))
@@ -366,7 +364,8 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         variance = target.variance + ksum**2 * ref.variance
     else:
         phi = None
-        variance = target.variance + matched_var
+        ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)
+        variance = target.variance + _fft_convolve_same(ref_var, [kernel_c**2])[0]
     if convolve_template:
         if phi is not None:
             psf = _convolve_psf(science.psf, phi, science.shape)
