@@ -17,17 +17,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from astropy.io import fits
 from astropy.wcs import WCS
 from pydantic import Field
-from scipy.spatial import cKDTree
 
 from apqa.config import ConfigModel
 from apqa.errors import InputError, StageError
+from apqa.pipeline.tan_sip import (
+    ARCSEC_PER_DEG,
+    MAS_PER_DEG,
+    TanPoly,
+    build_wcs,
+    fit_tan_poly,
+    gnomonic,
+    match_one_to_one,
+    order_for,
+    poly_terms,
+    separation_deg,
+    solve_normal,
+)
 
-ARCSEC_PER_DEG = 3600.0
-MAS_PER_DEG = 3.6e6
-_CRVAL_TOLERANCE_DEG = 1e-11  # recentring stops when the constant terms are below ~0.04 uas
 _NEVER_CLIP_MAS = 0.1  # noiseless data must not be clipped on rounding noise
 
 
@@ -107,128 +115,6 @@ class AstrometryResult:
     inverse_max_error_px: float
 
 
-# ---------------------------------------------------------------------------- geometry helpers
-
-
-def _gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: float,
-              dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Standard coordinates (xi east, eta north; degrees) about the tangent point (ra0, dec0)."""
-    a, d = np.deg2rad(ra - ra0), np.deg2rad(dec)
-    d0 = np.deg2rad(dec0)
-    cos_c = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a)
-    xi = np.cos(d) * np.sin(a) / cos_c
-    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a)) / cos_c
-    return np.rad2deg(xi), np.rad2deg(eta)
-
-
-def _deproject(xi: np.ndarray, eta: np.ndarray, ra0: float,
-               dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`_gnomonic`."""
-    x, y, d0 = np.deg2rad(xi), np.deg2rad(eta), np.deg2rad(dec0)
-    den = np.cos(d0) - y * np.sin(d0)
-    ra = ra0 + np.rad2deg(np.arctan2(x, den))
-    dec = np.rad2deg(np.arctan2(np.sin(d0) + y * np.cos(d0), np.hypot(x, den)))
-    return np.mod(ra, 360.0), dec
-
-
-def _separation_deg(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray,
-                    dec2: np.ndarray) -> np.ndarray:
-    """Angular distance (degrees), haversine form: accurate at milliarcseconds."""
-    r1, d1, r2, d2 = (np.deg2rad(np.asarray(v, dtype=np.float64)) for v in (ra1, dec1, ra2, dec2))
-    h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
-    return np.rad2deg(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1))))
-
-
-def _terms(order: int, min_degree: int = 0) -> list[tuple[int, int]]:
-    """Exponents (p, q) of u^p v^q with min_degree <= p + q <= order."""
-    return [(p, n - p) for n in range(min_degree, order + 1) for p in range(n, -1, -1)]
-
-
-def _design(u: np.ndarray, v: np.ndarray, terms: list[tuple[int, int]],
-            scale: float) -> np.ndarray:
-    # Scaled coordinates keep the normal equations well conditioned at high order.
-    us, vs = u / scale, v / scale
-    return np.stack([us**p * vs**q for p, q in terms], axis=1)
-
-
-def _poly(u: np.ndarray, v: np.ndarray, terms: list[tuple[int, int]],
-          coeffs: np.ndarray) -> np.ndarray:
-    return _design(u, v, terms, 1.0) @ coeffs
-
-
-def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares by the normal equations, without multithreaded BLAS.
-
-    The matrices are tall and thin (n x <= 36, scaled columns, well conditioned); threaded BLAS
-    calls on them are slow on a busy machine, einsum is not.
-    """
-    ata = np.einsum("ki,kj->ij", a, a)
-    atb = np.einsum("ki,kj->ij", a, b)
-    return np.linalg.solve(ata, atb)
-
-
-def _match(sx: np.ndarray, sy: np.ndarray, rx: np.ndarray, ry: np.ndarray,
-           radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one nearest-neighbour pairs within ``radius``: the closest pair wins a reference."""
-    if len(rx) == 0 or len(sx) == 0:
-        empty = np.zeros(0, dtype=np.intp)
-        return empty, empty, np.zeros(0)
-    tree = cKDTree(np.column_stack([rx, ry]))
-    dist, idx = tree.query(np.column_stack([sx, sy]), distance_upper_bound=radius)
-    ok = np.isfinite(dist)
-    s_idx, r_idx, dist = np.flatnonzero(ok), idx[ok], dist[ok]
-    order = np.argsort(dist, kind="stable")
-    _, first = np.unique(r_idx[order], return_index=True)
-    keep = np.sort(order[first])
-    return s_idx[keep], r_idx[keep], dist[keep]
-
-
-# ------------------------------------------------------------------------------ the TAN model
-
-
-@dataclass
-class _TanPoly:
-    """xi, eta (degrees about crval) as polynomials of u = x - cx, v = y - cy (0-based)."""
-
-    ra0: float
-    dec0: float
-    cx: float
-    cy: float
-    terms: list[tuple[int, int]]
-    c_xi: np.ndarray
-    c_eta: np.ndarray
-
-    def standard(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        u, v = x - self.cx, y - self.cy
-        return _poly(u, v, self.terms, self.c_xi), _poly(u, v, self.terms, self.c_eta)
-
-
-def _fit_tan_poly(u: np.ndarray, v: np.ndarray, ra: np.ndarray, dec: np.ndarray,
-                  weight: np.ndarray, order: int, scale: float, ra0: float,
-                  dec0: float) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """Weighted least squares of xi, eta; CRVAL is moved until the constant terms vanish."""
-    terms = _terms(order)
-    a = _design(u, v, terms, scale) * weight[:, None]
-    norm = np.array([scale ** -(p + q) for p, q in terms])
-    for _ in range(6):
-        xi, eta = _gnomonic(ra, dec, ra0, dec0)
-        coeffs = _solve(a, np.column_stack([xi, eta]) * weight[:, None]) * norm[:, None]
-        c_xi, c_eta = coeffs[:, 0], coeffs[:, 1]
-        if max(abs(c_xi[0]), abs(c_eta[0])) < _CRVAL_TOLERANCE_DEG:
-            break
-        ra0, dec0 = (float(t) for t in _deproject(c_xi[0], c_eta[0], ra0, dec0))
-    c_xi[0] = c_eta[0] = 0.0
-    return ra0, dec0, c_xi, c_eta
-
-
-def _order_for(n: int, max_order: int) -> int:
-    """Highest order <= max_order with at least two matches per coefficient."""
-    order = max_order
-    while order > 1 and n < 2 * len(_terms(order)):
-        order -= 1
-    return order
-
-
 # --------------------------------------------------------------------------- initial matching
 
 
@@ -283,68 +169,6 @@ def _initial_match(sx: np.ndarray, sy: np.ndarray, rx: np.ndarray, ry: np.ndarra
     return theta, float(dx), float(dy), count
 
 
-# ------------------------------------------------------------------------------ output WCS
-
-
-def _inverse_sip(a_coef: dict[tuple[int, int], float], b_coef: dict[tuple[int, int], float],
-                 order: int, half_w: float, half_h: float) -> tuple[dict, dict, float]:
-    """AP/BP coefficients (u - U and v - V as polynomials of U, V) fitted on a grid."""
-    gu, gv = np.meshgrid(np.linspace(-1.05 * half_w, 1.05 * half_w, 41),
-                         np.linspace(-1.05 * half_h, 1.05 * half_h, 41))
-    u, v = gu.ravel(), gv.ravel()
-    fwd = list(a_coef)
-    big_u = u + _poly(u, v, fwd, np.array([a_coef[t] for t in fwd]))
-    big_v = v + _poly(u, v, fwd, np.array([b_coef[t] for t in fwd]))
-    terms = _terms(order, min_degree=1)
-    scale = max(half_w, half_h)
-    a = _design(big_u, big_v, terms, scale)
-    norm = np.array([scale ** -(p + q) for p, q in terms])
-    ap, bp = _solve(a, np.column_stack([u - big_u, v - big_v])).T
-    err = np.hypot(a @ ap - (u - big_u), a @ bp - (v - big_v)).max()
-    return (dict(zip(terms, ap * norm, strict=True)), dict(zip(terms, bp * norm, strict=True)),
-            float(err))
-
-
-def _build_wcs(model: _TanPoly, shape: tuple[int, int],
-               inverse_order: int) -> tuple[WCS, float]:
-    """An astropy TAN-SIP WCS of the model and the max error of its inverse polynomial."""
-    height, width = shape
-    cd = np.array([[model.c_xi[1], model.c_xi[2]], [model.c_eta[1], model.c_eta[2]]])
-    order = max(p + q for p, q in model.terms)
-    sip = order >= 2
-    header = fits.Header()
-    header["NAXIS"] = 2
-    header["NAXIS1"] = width
-    header["NAXIS2"] = height
-    header["CTYPE1"] = "RA---TAN-SIP" if sip else "RA---TAN"
-    header["CTYPE2"] = "DEC--TAN-SIP" if sip else "DEC--TAN"
-    header["CUNIT1"] = header["CUNIT2"] = "deg"
-    header["CRVAL1"], header["CRVAL2"] = model.ra0, model.dec0
-    header["CRPIX1"], header["CRPIX2"] = model.cx + 1.0, model.cy + 1.0  # FITS is 1-based
-    for i in range(2):
-        for j in range(2):
-            header[f"CD{i + 1}_{j + 1}"] = cd[i, j]
-    header["RADESYS"] = "ICRS"
-    inverse_error = 0.0
-    if sip:
-        cd_inv = np.linalg.inv(cd)
-        a_coef, b_coef = {}, {}
-        for k, t in enumerate(model.terms):
-            if sum(t) >= 2:
-                a_coef[t], b_coef[t] = cd_inv @ np.array([model.c_xi[k], model.c_eta[k]])
-        ap, bp, inverse_error = _inverse_sip(a_coef, b_coef, inverse_order,
-                                             width / 2, height / 2)
-        header["A_ORDER"] = header["B_ORDER"] = order
-        header["AP_ORDER"] = header["BP_ORDER"] = inverse_order
-        for (p, q), value in a_coef.items():
-            header[f"A_{p}_{q}"] = value
-            header[f"B_{p}_{q}"] = b_coef[(p, q)]
-        for (p, q), value in ap.items():
-            header[f"AP_{p}_{q}"] = value
-            header[f"BP_{p}_{q}"] = bp[(p, q)]
-    return WCS(header), inverse_error
-
-
 # ------------------------------------------------------------------------------ the fit
 
 
@@ -359,7 +183,7 @@ def _refs_over_image(wcs: WCS, ref_ra: np.ndarray, ref_dec: np.ndarray,
     half_diag = np.hypot(width, height) / 2
     margin = max_off + np.deg2rad(config.max_rotation_deg) * half_diag + 2
     # An angular pre-cut first: the SIP inversion is slow and fails far from the image.
-    near = np.flatnonzero(_separation_deg(ra_c, dec_c, ref_ra, ref_dec)
+    near = np.flatnonzero(separation_deg(ra_c, dec_c, ref_ra, ref_dec)
                           < (half_diag + np.sqrt(2) * margin) * scale_deg * 1.05)
     rx = ry = np.zeros(0)
     if near.size:
@@ -378,7 +202,7 @@ def _refs_over_image(wcs: WCS, ref_ra: np.ndarray, ref_dec: np.ndarray,
 
 def _clipped_fit(u: np.ndarray, v: np.ndarray, ra: np.ndarray, dec: np.ndarray,
                  sigma: np.ndarray, config: AstrometryConfig, centre: tuple[float, float],
-                 scale: float, ra0: float, dec0: float) -> tuple[_TanPoly, np.ndarray]:
+                 scale: float, ra0: float, dec0: float) -> tuple[TanPoly, np.ndarray]:
     """Fit matched pairs, clipping outliers until the kept set is stable.
 
     ``sigma`` (mas) weights the fit and normalises residuals. Returns the model and the kept
@@ -386,12 +210,12 @@ def _clipped_fit(u: np.ndarray, v: np.ndarray, ra: np.ndarray, dec: np.ndarray,
     """
     used = np.ones(u.size, dtype=bool)
     for _ in range(10):
-        order = _order_for(int(used.sum()), config.sip_order)
-        ra0, dec0, c_xi, c_eta = _fit_tan_poly(u[used], v[used], ra[used], dec[used],
+        order = order_for(int(used.sum()), config.sip_order)
+        ra0, dec0, c_xi, c_eta = fit_tan_poly(u[used], v[used], ra[used], dec[used],
                                                1.0 / sigma[used], order, scale, ra0, dec0)
-        model = _TanPoly(ra0, dec0, centre[0], centre[1], _terms(order), c_xi, c_eta)
+        model = TanPoly(ra0, dec0, centre[0], centre[1], poly_terms(order), c_xi, c_eta)
         m_xi, m_eta = model.standard(u + centre[0], v + centre[1])
-        f_xi, f_eta = _gnomonic(ra, dec, ra0, dec0)
+        f_xi, f_eta = gnomonic(ra, dec, ra0, dec0)
         r_mas = np.hypot(m_xi - f_xi, m_eta - f_eta) * MAS_PER_DEG
         z = r_mas / sigma
         # Robust sigma of a 2-d Gaussian: the median of |r|^2 is 2 ln 2 sigma^2.
@@ -536,7 +360,7 @@ def fit_astrometry(
     s_ra, s_dec = wcs.all_pix2world(px, py, 0)
     p0x, p0y = _rotate(np.array([cx - dx]), np.array([cy - dy]), (cx, cy), -theta)
     ra0, dec0 = (float(t[0]) for t in wcs.all_pix2world(p0x, p0y, 0))
-    s_xi, s_eta = _gnomonic(s_ra, s_dec, ra0, dec0)
+    s_xi, s_eta = gnomonic(s_ra, s_dec, ra0, dec0)
 
     # (b) Iterate: match within a shrinking radius, fit, clip.
     r_ra, r_dec = ref_ra[near], ref_dec[near]
@@ -545,13 +369,13 @@ def fit_astrometry(
                else np.nan_to_num(np.asarray(ref_err_mas, dtype=np.float64)[near]))
     n_shrink = max(config.n_iterations - 2, 1)
     poly_scale = max(width, height) / 2
-    model: _TanPoly | None = None
+    model: TanPoly | None = None
     for it in range(config.n_iterations):
         frac = min(it / n_shrink, 1.0)
         radius = (config.initial_match_radius_arcsec ** (1 - frac)
                   * config.match_radius_arcsec ** frac)
-        r_xi, r_eta = _gnomonic(r_ra, r_dec, ra0, dec0)
-        si, ri, _ = _match(s_xi * ARCSEC_PER_DEG, s_eta * ARCSEC_PER_DEG,
+        r_xi, r_eta = gnomonic(r_ra, r_dec, ra0, dec0)
+        si, ri, _ = match_one_to_one(s_xi * ARCSEC_PER_DEG, s_eta * ARCSEC_PER_DEG,
                            r_xi * ARCSEC_PER_DEG, r_eta * ARCSEC_PER_DEG, radius)
         if si.size < config.min_matches:
             raise StageError(
@@ -572,13 +396,13 @@ def fit_astrometry(
         model = _affine_on_header(wcs, sx[si][used], sy[si][used], r_ra[ri][used],
                                   r_dec[ri][used], (height, width), config, poly_scale)
         order = max(p + q for p, q in model.terms)
-    out_wcs, inverse_error = _build_wcs(model, (height, width),
+    out_wcs, inverse_error = build_wcs(model, (height, width),
                                         config.sip_order + config.inverse_extra_order)
     _check_round_trip(out_wcs, width, height)
 
     # (c) Residuals with the output WCS itself.
     m_ra, m_dec = out_wcs.all_pix2world(sx[si], sy[si], 0)
-    sep = _separation_deg(m_ra, m_dec, r_ra[ri], r_dec[ri]) * MAS_PER_DEG
+    sep = separation_deg(m_ra, m_dec, r_ra[ri], r_dec[ri]) * MAS_PER_DEG
     ref_x, ref_y = out_wcs.all_world2pix(r_ra[ri], r_dec[ri], 0)
     matches = pd.DataFrame({
         "source_index": labels[si], "ref_index": near[ri], "separation_mas": sep,
@@ -595,22 +419,22 @@ def fit_astrometry(
 
 def _affine_on_header(wcs: WCS, x: np.ndarray, y: np.ndarray, ra: np.ndarray, dec: np.ndarray,
                       shape: tuple[int, int], config: AstrometryConfig,
-                      poly_scale: float) -> _TanPoly:
+                      poly_scale: float) -> TanPoly:
     """The header WCS composed with an affine pixel correction fitted to the matches,
     re-expressed as a full-order TAN polynomial through a dense grid of points."""
     height, width = shape
     hx, hy = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, quiet=True)
     design = np.column_stack([np.ones_like(x), x, y])
-    coeff = _solve(design, np.column_stack([hx, hy]))  # (3, 2): source pixel -> header pixel
+    coeff = solve_normal(design, np.column_stack([hx, hy]))  # (3, 2): source pixel -> header pixel
     gx, gy = np.meshgrid(np.linspace(0, width - 1, 17), np.linspace(0, height - 1, 33))
     gx, gy = gx.ravel(), gy.ravel()
     mapped = np.column_stack([np.ones_like(gx), gx, gy]) @ coeff
     g_ra, g_dec = wcs.all_pix2world(mapped[:, 0], mapped[:, 1], 0)
     cx, cy = (width - 1) / 2, (height - 1) / 2
     ra0, dec0 = (float(t[0]) for t in wcs.all_pix2world([cx], [cy], 0))
-    ra0, dec0, c_xi, c_eta = _fit_tan_poly(gx - cx, gy - cy, g_ra, g_dec, np.ones_like(gx),
+    ra0, dec0, c_xi, c_eta = fit_tan_poly(gx - cx, gy - cy, g_ra, g_dec, np.ones_like(gx),
                                            config.sip_order, poly_scale, ra0, dec0)
-    return _TanPoly(ra0, dec0, cx, cy, _terms(config.sip_order), c_xi, c_eta)
+    return TanPoly(ra0, dec0, cx, cy, poly_terms(config.sip_order), c_xi, c_eta)
 
 
 def _check_round_trip(out_wcs: WCS, width: int, height: int, tol_px: float = 1e-3) -> None:
