@@ -70,6 +70,12 @@ def main() -> None:
 
 def register_commands() -> typer.Typer:
     """Import every command module so that ``app`` is complete (used by tests)."""
-    from apqa.cli import diff, inspect, process, simulate  # noqa: F401
+    import importlib
 
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"apqa.cli.{name}")
     return app
+
+
+# Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
+COMMAND_MODULES = ("simulate", "inspect", "process", "diff")

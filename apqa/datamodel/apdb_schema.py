@@ -1,0 +1,189 @@
+"""The Rubin APDB schema, read from the installed lsst-sdm-schemas ``apdb.yaml`` (never retyped).
+
+Catalogs that travel through apqa (DiaSource, DiaObject, DiaForcedSource) are pandas tables whose
+column names, dtypes and NOT NULL rules come from here, so that anything that reads Rubin's APDB
+reads apqa's tables.
+
+Examples
+--------
+>>> from apqa.datamodel.apdb_schema import load_apdb_schema, empty_table
+>>> schema = load_apdb_schema()
+>>> schema.version
+'10.0.0'
+>>> table = empty_table("DiaSource")
+>>> "psfFlux" in table.columns
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from apqa.errors import InputError
+
+# Felis datatypes -> pandas dtypes. Nullable integer/boolean columns use pandas' masked dtypes so
+# that a missing value stays missing instead of turning into 0 or False.
+_NOT_NULL_DTYPES = {
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "byte": "int8",
+    "double": "float64",
+    "float": "float32",
+    "boolean": "bool",
+    "char": "object",
+    "string": "object",
+    "text": "object",
+    "timestamp": "datetime64[ns]",
+}
+_NULLABLE_DTYPES = {
+    **_NOT_NULL_DTYPES,
+    "long": "Int64",
+    "int": "Int32",
+    "short": "Int16",
+    "byte": "Int8",
+    "boolean": "boolean",
+}
+
+
+@dataclass(frozen=True)
+class ApdbColumn:
+    """One column of an APDB table as declared in ``apdb.yaml``."""
+
+    name: str
+    datatype: str
+    nullable: bool
+    unit: str
+    description: str
+
+    @property
+    def dtype(self) -> str:
+        """The pandas dtype used for this column in apqa's tables."""
+        table = _NULLABLE_DTYPES if self.nullable else _NOT_NULL_DTYPES
+        return table[self.datatype]
+
+
+@dataclass(frozen=True)
+class ApdbTable:
+    """An APDB table: its columns in declaration order and its primary key."""
+
+    name: str
+    columns: tuple[ApdbColumn, ...]
+    primary_key: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def column(self, name: str) -> ApdbColumn:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(f"{self.name} has no column {name!r}")
+
+
+@dataclass(frozen=True)
+class ApdbSchema:
+    """The whole APDB schema with its version string."""
+
+    version: str
+    tables: dict[str, ApdbTable]
+
+    def __getitem__(self, name: str) -> ApdbTable:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"apdb.yaml has no table {name!r}") from None
+
+
+def _strip_ref(value: str | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    return tuple(str(v).split(".")[-1].lstrip("#") for v in items)
+
+
+@cache
+def load_apdb_schema() -> ApdbSchema:
+    """Read ``apdb.yaml`` from the installed ``lsst-sdm-schemas`` package.
+
+    Returns
+    -------
+    ApdbSchema
+        Tables with their columns (name, Felis datatype, nullability, IVOA unit, description).
+    """
+    path = resources.files("lsst.sdm.schemas").joinpath("apdb.yaml")
+    raw = yaml.safe_load(path.read_text())
+    tables = {}
+    for table in raw["tables"]:
+        cols = tuple(
+            ApdbColumn(
+                name=c["name"],
+                datatype=c["datatype"],
+                nullable=bool(c.get("nullable", True)),
+                unit=str(c.get("ivoa:unit", "") or ""),
+                description=str(c.get("description", "")).strip(),
+            )
+            for c in table["columns"]
+        )
+        tables[table["name"]] = ApdbTable(
+            name=table["name"], columns=cols, primary_key=_strip_ref(table.get("primaryKey"))
+        )
+    return ApdbSchema(version=str(raw.get("version", "")), tables=tables)
+
+
+def empty_table(name: str, n_rows: int = 0) -> pd.DataFrame:
+    """A table with every column of APDB table ``name``, typed, all values missing.
+
+    NOT NULL numeric columns are filled with zeros and booleans with False so that the table is
+    valid from the start; callers overwrite what they measure.
+    """
+    table = load_apdb_schema()[name]
+    data = {}
+    for col in table.columns:
+        if col.dtype == "object":
+            data[col.name] = pd.Series([None] * n_rows, dtype="object")
+        elif col.dtype.startswith("datetime"):
+            data[col.name] = pd.Series(np.full(n_rows, np.datetime64("NaT"), "datetime64[ns]"))
+        elif not col.nullable:
+            data[col.name] = pd.Series(np.zeros(n_rows, dtype=col.dtype))
+        elif col.dtype.startswith("float"):
+            data[col.name] = pd.Series(np.full(n_rows, np.nan, dtype=col.dtype))
+        else:
+            data[col.name] = pd.Series(pd.array([pd.NA] * n_rows, dtype=col.dtype))
+    return pd.DataFrame(data)
+
+
+def conform(frame: pd.DataFrame, name: str, *, source: str = "table") -> pd.DataFrame:
+    """Cast ``frame`` to APDB table ``name``: its column order and dtypes, extra columns dropped.
+
+    Missing nullable columns are added as missing values. A missing or null NOT NULL column is an
+    error that names ``source`` and the column.
+    """
+    table = load_apdb_schema()[name]
+    out = empty_table(name, len(frame))
+    out.index = frame.index
+    for col in table.columns:
+        if col.name not in frame.columns:
+            if not col.nullable:
+                raise InputError(f"{source}: {name} column {col.name!r} is NOT NULL but missing")
+            continue
+        values = frame[col.name]
+        if not col.nullable and values.isna().any():
+            raise InputError(
+                f"{source}: {name} column {col.name!r} is NOT NULL but has "
+                f"{int(values.isna().sum())} missing values"
+            )
+        try:
+            out[col.name] = values.astype(col.dtype)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{source}: {name} column {col.name!r} cannot be cast to {col.dtype}: {exc}"
+            ) from None
+    return out.reset_index(drop=True)
