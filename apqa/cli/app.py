@@ -78,4 +78,4 @@ def register_commands() -> typer.Typer:
 
 
 # Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
-COMMAND_MODULES = ("simulate", "inspect", "process", "diff")
+COMMAND_MODULES = ("simulate", "inspect", "process", "diff", "db", "metrics", "gate", "export")

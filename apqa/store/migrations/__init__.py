@@ -1,0 +1,1 @@
+"""Alembic migrations of the metric store, run programmatically by ``apqa db upgrade``."""

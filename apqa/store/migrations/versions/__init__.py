@@ -1,0 +1,1 @@
+"""Migration scripts (alembic ignores this file)."""
