@@ -61,6 +61,8 @@ class ApdbColumn:
     nullable: bool
     unit: str
     description: str
+    #: Declared maximum length of ``char``/``string`` columns (None when not declared).
+    length: int | None = None
 
     @property
     def dtype(self) -> str:
@@ -76,6 +78,8 @@ class ApdbTable:
     name: str
     columns: tuple[ApdbColumn, ...]
     primary_key: tuple[str, ...]
+    #: Declared indexes as (index name, column names).
+    indexes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -127,13 +131,16 @@ def load_apdb_schema() -> ApdbSchema:
                 name=c["name"],
                 datatype=c["datatype"],
                 nullable=bool(c.get("nullable", True)),
-                unit=str(c.get("ivoa:unit", "") or ""),
+                unit=str(c.get("fits:tunit") or c.get("ivoa:unit") or ""),
                 description=str(c.get("description", "")).strip(),
+                length=int(c["length"]) if "length" in c else None,
             )
             for c in table["columns"]
         )
         tables[table["name"]] = ApdbTable(
-            name=table["name"], columns=cols, primary_key=_strip_ref(table.get("primaryKey"))
+            name=table["name"], columns=cols, primary_key=_strip_ref(table.get("primaryKey")),
+            indexes=tuple((ix["name"], _strip_ref(ix["columns"]))
+                          for ix in table.get("indexes", []) if ix.get("columns")),
         )
     return ApdbSchema(version=str(raw.get("version", "")), tables=tables)
 

@@ -183,6 +183,9 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
                    visit_info=exposure.visit_info, detector_info=exposure.detector_info,
                    metadata=exposure.metadata.copy())
     out.mask.set("DETECTED", source_mask & (segmap > 0))
+    # Carried with the image: PSF fluxes measured later (e.g. on difference images made with
+    # this PSF) need the same correction to total flux.
+    out.metadata["APCORR"] = (float(ap_corr), "aperture correction of PSF fluxes")
     quality = {
         "psf_fwhm_px": fwhm,
         "psf_residual_chi2": fit.residual_chi2,

@@ -97,3 +97,47 @@ def aperture_correction(psf_flux_values: np.ndarray, ap_flux_values: np.ndarray,
     w = 1.0 / sigma[used] ** 2
     chi2 = float(np.sum(w * (ratio[used] - mean) ** 2) / max(used.sum() - 1, 1))
     return mean, float(np.sqrt(max(chi2, 1.0) / np.sum(w)))
+
+
+def psf_fit_centroid(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf: Psf,
+                     x: np.ndarray, y: np.ndarray, iterations: int = 2, max_step: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-likelihood PSF centroids by Gauss-Newton steps from (x, y).
+
+    Each step fits ``D = f P + a dP/dx + b dP/dy`` (weights 1/V) at the current position and
+    moves by ``(-a / f, -b / f)``, at most ``max_step`` pixels; a source whose fit has no
+    positive flux keeps its position. Works for negative sources when ``image`` is negated.
+    """
+    x = np.asarray(x, np.float64).copy()
+    y = np.asarray(y, np.float64).copy()
+    height, width = image.shape
+    for _ in range(iterations):
+        for start in range(0, x.size, _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            stamps, ix, iy = psf_stamps(psf, x[sl], y[sl])
+            half = stamps.shape[1] // 2
+            off = np.arange(-half, half + 1)
+            wy = iy[:, None, None] + off[None, :, None]
+            wx = ix[:, None, None] + off[None, None, :]
+            inside = (wy >= 0) & (wy < height) & (wx >= 0) & (wx < width)
+            wy, wx = np.clip(wy, 0, height - 1), np.clip(wx, 0, width - 1)
+            v = variance[wy, wx].astype(np.float64)
+            ok = inside & usable[wy, wx] & np.isfinite(v) & (v > 0)
+            w = np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0)
+            d = np.where(ok, image[wy, wx], 0.0).astype(np.float64)
+            p = stamps.astype(np.float64)
+            gy, gx = np.gradient(p, axis=(1, 2))
+            basis = np.stack([p, gx, gy], axis=1)  # (n, 3, k, k)
+            normal = np.einsum("nikl,njkl,nkl->nij", basis, basis, w)
+            rhs = np.einsum("nikl,nkl,nkl->ni", basis, d, w)
+            good = np.linalg.det(normal) > 0
+            coef = np.zeros_like(rhs)
+            coef[good] = np.linalg.solve(normal[good], rhs[good][..., None])[..., 0]
+            f = coef[:, 0]
+            move = good & (f > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dx = np.clip(-coef[:, 1] / f, -max_step, max_step)
+                dy = np.clip(-coef[:, 2] / f, -max_step, max_step)
+            x[sl] = np.where(move, x[sl] + np.nan_to_num(dx), x[sl])
+            y[sl] = np.where(move, y[sl] + np.nan_to_num(dy), y[sl])
+    return x, y

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -56,7 +57,13 @@ class SurveySimulator:
 
     def __init__(self, config: SimulationConfig) -> None:
         self.config = config
-        self.spec: DatasetSpec = get_dataset(config.dataset)
+        spec = get_dataset(config.dataset)
+        if config.transient_density is not None:
+            spec = replace(spec, transient_density=config.transient_density)
+        if config.transient_mag_range is not None:
+            low, high = config.transient_mag_range
+            spec = replace(spec, transient_mag_min=low, transient_mag_max=high)
+        self.spec: DatasetSpec = spec
         self.plans: list[VisitPlan] = plan_visits(
             self.spec, config.n_visits, config.n_template_visits, config.seed, _PLAN)
         self._calibs: dict[int, DetectorCalibration] = {}

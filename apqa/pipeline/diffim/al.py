@@ -58,6 +58,7 @@ class DiffimResult:
     difference: Exposure
     quality: dict[str, float] = field(default_factory=dict)
     kernel: np.ndarray | None = None  # the matching kernel at the image centre
+    template: Exposure | None = None  # the template on the science grid (warped if needed)
 
 
 def _gaussian_poly_basis(sigmas: list[float], degrees: tuple[int, ...], half: int) -> np.ndarray:
@@ -248,6 +249,21 @@ def _robust_var(image: np.ndarray, variance: np.ndarray, good: np.ndarray) -> fl
     return float(np.median(values)) if values.size else float("nan")
 
 
+def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndarray,
+                             iy: np.ndarray, half: int) -> float:
+    """Median over stars of the rms of D / sqrt(V) in a (2 half + 1)^2 box on each star.
+
+    1 when the stars subtract down to the noise; a poor kernel leaves it well above 1.
+    """
+    if ix.size == 0:
+        return float("nan")
+    d = _stamps(diff, ix, iy, half).astype(np.float64)
+    v = _stamps(variance, ix, iy, half).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z2 = np.where(np.isfinite(v) & (v > 0), d * d / v, np.nan)
+    return float(np.nanmedian(np.sqrt(np.nanmean(z2, axis=(1, 2)))))
+
+
 def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
                 candidates: pd.DataFrame | None = None) -> DiffimResult:
     """Difference ``science - matched template`` in science flux units, decorrelated.
@@ -384,9 +400,15 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     out = Exposure(diff, variance, mask, psf=psf, wcs=science.wcs,
                    photo_calib=science.photo_calib, visit_info=science.visit_info,
                    detector_info=science.detector_info)
+    # The kernel sum at the image corners (u, v = +-1) against the centre: the photometric
+    # scaling's spatial variation.
+    corner_sums = [ksum + su * float(kernels[1].sum()) + sv * float(kernels[2].sum())
+                   for su in (-1, 1) for sv in (-1, 1)] if ns > 1 else [ksum]
     quality = {
         "kernel_sum": ksum,
-        "kernel_sum_variation": 0.0,
+        "kernel_sum_variation": float(np.ptp(corner_sums) / abs(ksum)),
+        "residual_footprint_ratio": residual_footprint_ratio(
+            diff, variance, ix[used], iy[used], int(np.ceil(max(fwhm_s, fwhm_t)))),
         "condition_number": condition,
         "n_kernel_candidates": float(n),
         "n_kernel_used": float(used.sum()),

@@ -105,6 +105,7 @@ def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = 
         result = DiffimResult(zogy.difference, dict(zogy.quality))
         score = zogy.score
     result.quality["template_coverage"] = coverage
+    result.template = template
     # ZOGY may rescale its variance plane to the measured noise: its own noise_ratio is the
     # one before rescaling and stays; the ratio of the final product is reported beside it.
     measured = _noise_ratio(result.difference, science, template)
