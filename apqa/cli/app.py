@@ -78,4 +78,5 @@ def register_commands() -> typer.Typer:
 
 
 # Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
-COMMAND_MODULES = ("simulate", "inspect", "process", "diff", "db", "metrics", "gate", "export")
+COMMAND_MODULES = ("simulate", "inspect", "process", "diff", "run", "db", "metrics", "gate",
+                   "export", "apdb")

@@ -101,7 +101,8 @@ def _windowed_centroid(image: np.ndarray, x: np.ndarray, y: np.ndarray, sign: np
         x = np.where(good, x + np.clip(sx, -1, 1), x)
         y = np.where(good, y + np.clip(sy, -1, 1), y)
     # A centroid that wandered off its peak (noise, blends) falls back to the peak.
-    lost = np.hypot(x - start_x, y - start_y) > 2 * sigma
+    lost = (np.hypot(x - start_x, y - start_y) > 2 * sigma) | (x < -0.5) | (y < -0.5) \
+        | (x > width - 0.5) | (y > height - 0.5)
     return np.where(lost, start_x, x), np.where(lost, start_y, y)
 
 
@@ -116,7 +117,9 @@ def _psf_centroid(difference: Exposure, usable: np.ndarray, x: np.ndarray, y: np
         fx, fy = psf_fit_centroid(s * difference.image, difference.variance, usable,
                                   difference.psf, x[sel], y[sel])
         # Keep the refinement only when it stays on the source.
-        near = np.hypot(fx - x[sel], fy - y[sel]) < 2 * sigma
+        height, width = difference.shape
+        near = (np.hypot(fx - x[sel], fy - y[sel]) < 2 * sigma) & (fx >= -0.5) & (fy >= -0.5) \
+            & (fx <= width - 0.5) & (fy <= height - 0.5)
         x[sel] = np.where(near, fx, x[sel])
         y[sel] = np.where(near, fy, y[sel])
     return x, y
@@ -347,7 +350,8 @@ def _dipoles(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
         "dipoleLength", "dipoleAngle", "dipoleChi2")}
     cols["dipoleNdata"] = np.zeros(n, np.int64)
     attempted, dipole = np.zeros(n, bool), np.zeros(n, bool)
-    x, y = table["x"].to_numpy(np.float64), table["y"].to_numpy(np.float64)
+    x = table["x"].to_numpy(np.float64).copy()
+    y = table["y"].to_numpy(np.float64).copy()
     two = np.flatnonzero(cands["has_positive"].to_numpy() & cands["has_negative"].to_numpy())
     calib = difference.photo_calib
     for i in two:

@@ -25,11 +25,11 @@ class SimulationConfig(ConfigModel):
     n_detectors: int = Field(1, ge=1, le=62, description="detectors per visit")
     n_template_visits: int = Field(1, ge=1, le=20, description="deep template visits")
     seed: int = Field(0, ge=0, description="master seed; everything is deterministic in it")
-    transient_density: float | None = Field(
-        None, ge=0, description="transients per deg^2 (default: the dataset's); a dense sky of "
-                                "transients measures detection completeness against truth")
-    transient_mag_range: tuple[float, float] | None = Field(
-        None, description="peak AB magnitude range of transients (default: the dataset's)")
+    spec_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="numeric dataset parameters to change, e.g. {transient_density: 20000, "
+                    "variable_fraction: 0}: a dense sky of transients measures completeness "
+                    "against truth, an empty one counts false detections")
     write_noiseless: bool = Field(
         False, description="also write the noiseless expected image (truth/model_*.fits)"
     )

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import pandas as pd
 from apqa import __version__
 from apqa.config import config_hash
 from apqa.datamodel import Exposure, Mask
-from apqa.errors import InputError
+from apqa.errors import ConfigError, InputError
 from apqa.sim.config import SimulationConfig
 from apqa.sim.datasets import DatasetSpec, get_dataset
 from apqa.sim.exposure import SimulatedExposure, simulate_exposure
@@ -45,6 +45,17 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
+def _with_overrides(spec: DatasetSpec, overrides: dict[str, float]) -> DatasetSpec:
+    """The dataset spec with some numeric parameters replaced (unknown names are errors)."""
+    numeric = {f.name for f in fields(spec) if isinstance(getattr(spec, f.name), int | float)}
+    unknown = sorted(set(overrides) - numeric)
+    if unknown:
+        raise ConfigError(f"spec_overrides: unknown dataset parameters {unknown}; expected "
+                          f"some of {sorted(numeric)}")
+    typed = {k: type(getattr(spec, k))(v) for k, v in overrides.items()}
+    return replace(spec, **typed)
+
+
 class SurveySimulator:
     """Simulate an embedded dataset.
 
@@ -57,13 +68,8 @@ class SurveySimulator:
 
     def __init__(self, config: SimulationConfig) -> None:
         self.config = config
-        spec = get_dataset(config.dataset)
-        if config.transient_density is not None:
-            spec = replace(spec, transient_density=config.transient_density)
-        if config.transient_mag_range is not None:
-            low, high = config.transient_mag_range
-            spec = replace(spec, transient_mag_min=low, transient_mag_max=high)
-        self.spec: DatasetSpec = spec
+        self.spec: DatasetSpec = _with_overrides(get_dataset(config.dataset),
+                                                 config.spec_overrides)
         self.plans: list[VisitPlan] = plan_visits(
             self.spec, config.n_visits, config.n_template_visits, config.seed, _PLAN)
         self._calibs: dict[int, DetectorCalibration] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import scipy.fft as sfft
+import sep
 from pydantic import Field
 from scipy.signal import fftconvolve
 
@@ -49,6 +50,11 @@ class AlConfig(ConfigModel):
     clip_sigma: float = 3.0
     n_clip: int = 3
     decorrelate: bool = True
+    residual_background_mesh: int | None = Field(
+        256, ge=32, description="mesh (px) of the background left in the difference, measured "
+                                "on pixels no source touches and removed (None: keep it). The "
+                                "differential background fitted in kernel stamps is poorly "
+                                "constrained (the broad kernel bases mimic a constant)")
 
 
 @dataclass
@@ -249,6 +255,15 @@ def _robust_var(image: np.ndarray, variance: np.ndarray, good: np.ndarray) -> fl
     return float(np.median(values)) if values.size else float("nan")
 
 
+def _residual_background(diff: np.ndarray, sky: np.ndarray, mesh: int) -> np.ndarray:
+    """Smooth background of ``diff`` from its ``sky`` pixels (sep meshes, 3x3 median filter)."""
+    height, width = diff.shape
+    mesh = min(mesh, height, width)
+    bkg = sep.Background(np.ascontiguousarray(diff, np.float32), mask=~sky, bw=mesh, bh=mesh,
+                         fw=3, fh=3)
+    return bkg.back()
+
+
 def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndarray,
                              iy: np.ndarray, half: int) -> float:
     """Median over stars of the rms of D / sqrt(V) in a (2 half + 1)^2 box on each star.
@@ -371,6 +386,10 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
 
     good = ~(science.mask.is_set(["NO_DATA", "SAT", "BAD"])
              | template.mask.is_set(["NO_DATA", "SAT", "BAD"]))
+    if config.residual_background_mesh:
+        diff = diff - _residual_background(diff, good & ~(
+            science.mask.is_set(["DETECTED", "CR"]) | template.mask.is_set(["DETECTED", "CR"])),
+            config.residual_background_mesh)
     u_var = _robust_var(target.image, target.variance, good)
     c_var = _robust_var(ref.image, ref.variance, good)
     psf = science.psf
