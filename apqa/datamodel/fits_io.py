@@ -28,6 +28,7 @@ from astropy.io import fits
 from astropy.time import Time, TimeDelta
 from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
+from scipy.ndimage import maximum_filter, uniform_filter
 
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.mask import Mask
@@ -264,18 +265,34 @@ def _mid_exposure_mjd_tai(header: fits.Header, exptime: float, source: str) -> f
     return float((start + TimeDelta(exptime / 2, format="sec")).tai.mjd)
 
 
-def robust_sky(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """Sigma-clipped median and variance (from the MAD) of the valid pixels."""
-    values = image[valid]
-    if values.size > 2_000_000:  # a strided sample is plenty for two numbers
-        values = values[:: values.size // 1_000_000]
+def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[float, float]:
+    """Sky level (median) and noise variance (from the MAD) of the pixels no source touches.
+
+    Sources are found on a 5x5 box-smoothed image (4 sigma of the smoothed noise) and masked
+    with a 9x9 margin: a plain clipped MAD over all pixels is inflated by the wings of stars and
+    galaxies (6% in sigma on a field of 200 stars per 512^2). A central crop of at most
+    ``crop`` x ``crop`` pixels is plenty for two numbers.
+    """
+    height, width = image.shape
+    y0, x0 = max((height - crop) // 2, 0), max((width - crop) // 2, 0)
+    data = image[y0:y0 + crop, x0:x0 + crop]
+    usable = valid[y0:y0 + crop, x0:x0 + crop]
+    if usable.sum() < 100:
+        data, usable = image, valid
+    values = data[usable]
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
     for _ in range(3):
-        median = np.median(values)
-        mad = 1.4826 * np.median(np.abs(values - median))
         if mad == 0:
             break
-        values = values[np.abs(values - median) < 4 * mad]
-    return float(median), float(mad) ** 2
+        smooth = uniform_filter(np.where(usable, data, median).astype(np.float32), 5)
+        sources = maximum_filter((smooth > median + 0.8 * mad).astype(np.uint8), size=9)
+        values = data[usable & (sources == 0)]
+        if values.size < 100:
+            break
+        median = float(np.median(values))
+        mad = 1.4826 * float(np.median(np.abs(values - median)))
+    return median, mad**2
 
 
 def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:

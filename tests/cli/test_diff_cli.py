@@ -1,0 +1,96 @@
+"""``apqa diff`` from plain FITS as users bring them, and its bad inputs: NaN regions, mismatched
+bands, a template without WCS, images that do not overlap, too few stars for a kernel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from typer.testing import CliRunner
+
+from apqa.cli.app import register_commands
+from apqa.datamodel import Exposure
+from tests.pipeline.synthetic_pairs import make_pair
+
+runner = CliRunner()
+app = register_commands()
+
+
+def _write(exposure: Exposure, path, band="g", image=None, wcs=True, crval_shift=0.0):
+    header = exposure.wcs.to_header() if wcs else fits.Header()
+    if wcs:
+        header["CRVAL1"] += crval_shift
+    header["MAGZERO"] = 28.0
+    header["FILTER"] = band
+    header["MJD-OBS"] = exposure.visit_info.mjd
+    data = exposure.image if image is None else image
+    fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(shape=(512, 512), n_stars=200, transient_flux=(5000.0,),
+                     vanished_flux=(), seed=21)
+
+
+def _diff(sci, tpl, out, *extra):
+    return runner.invoke(app, ["diff", "--science", str(sci), "--template", str(tpl),
+                               "--out", str(out), *extra])
+
+
+def test_plain_fits_pair_with_a_nan_region(pair, tmp_path):
+    image = pair.science.image.copy()
+    image[100:160, 300:380] = np.nan  # a chip gap / masked region, as users' images have
+    sci = _write(pair.science, tmp_path / "sci.fits", image=image)
+    tpl = _write(pair.template, tmp_path / "tpl.fits")
+    result = _diff(sci, tpl, tmp_path / "d.fits")
+    assert result.exit_code == 0, result.output
+    diff = Exposure.from_fits(tmp_path / "d.fits")
+    assert np.isfinite(diff.image).all()
+    assert diff.mask.is_set("NO_DATA")[100:160, 300:380].all()
+    quality = json.loads((tmp_path / "d.fits.json").read_text())
+    assert quality["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert quality["residual_footprint_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert quality["kernel_sum"] == pytest.approx(1.0, abs=0.03)
+    assert quality["template_coverage"] == 1.0
+
+
+def test_mismatched_bands_warn_but_subtract(pair, tmp_path):
+    sci = _write(pair.science, tmp_path / "sci.fits", band="g")
+    tpl = _write(pair.template, tmp_path / "tpl.fits", band="r")
+    result = _diff(sci, tpl, tmp_path / "d.fits")
+    assert result.exit_code == 0, result.output
+    assert "science band 'g' differs from template band 'r'" in " ".join(result.output.split())
+    assert (tmp_path / "d.fits").exists()
+
+
+def test_template_without_wcs_is_a_clear_error(pair, tmp_path):
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    tpl = _write(pair.template, tmp_path / "tpl.fits", wcs=False)
+    result = _diff(sci, tpl, tmp_path / "d.fits")
+    assert result.exit_code == 2
+    assert "tpl.fits" in result.output and "WCS" in result.output
+    assert not (tmp_path / "d.fits").exists()
+
+
+def test_images_that_do_not_overlap(pair, tmp_path):
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    tpl = _write(pair.template, tmp_path / "tpl.fits", crval_shift=1.0)  # a degree away
+    result = _diff(sci, tpl, tmp_path / "d.fits")
+    assert result.exit_code == 2
+    assert "overlap" in result.output or "coverage" in result.output
+    assert not (tmp_path / "d.fits").exists()
+
+
+def test_too_few_stars_names_the_count(tmp_path):
+    sparse = make_pair(shape=(256, 256), n_stars=2, transient_flux=(), vanished_flux=(),
+                       seed=2)
+    sci = _write(sparse.science, tmp_path / "sci.fits")
+    tpl = _write(sparse.template, tmp_path / "tpl.fits")
+    result = _diff(sci, tpl, tmp_path / "d.fits")
+    assert result.exit_code == 2
+    assert "found" in result.output
+    assert not (tmp_path / "d.fits").exists()
