@@ -32,7 +32,10 @@ Inputs are plain FITS images (header WCS, GAIN, RDNOISE, SATURATE, MAGZERO, EXPT
 MJD-OBS) or apqa exposures; calexps from `apqa process` are used as they are, anything else is
 calibrated here (ISR masks and cosmic rays, background, PSF). Outputs: DIR/diaSources.parquet
 (Rubin APDB DiaSource columns and units), DIR/difference.fits and DIR/run.json (configuration,
-versions, per-stage timings, peak memory, quality numbers).
+versions, per-stage timings, peak memory, quality numbers). The DIASources are associated
+into an APDB (default DIR/apdb.sqlite; --apdb postgresql://... for PostgreSQL) and one alert
+packet per DIASource goes to DIR/alerts/alerts_VISIT_DETECTOR.avro (and to Kafka with
+--kafka-bootstrap). Running two visits into the same --apdb builds light curves.
 """
 
 
@@ -88,9 +91,17 @@ def run(
     = None,
     template_zero_point: Annotated[float | None, typer.Option(
         help="The same for the template (default: --zero-point).")] = None,
+    apdb: Annotated[str | None, typer.Option(
+        help="APDB URL (SQLite file or postgresql://...); default DIR/apdb.sqlite.")] = None,
+    kafka_bootstrap: Annotated[str | None, typer.Option(
+        help="Also publish the alerts to this Kafka broker (host:port).")] = None,
+    alert_topic: Annotated[str, typer.Option(help="Kafka topic of the alerts.")]
+    = "apqa-alerts",
 ) -> None:
     """Difference, detect and measure: the DIASource table of a science/template pair."""
     from apqa.datamodel import Exposure
+    from apqa.pipeline.alert_production import produce_alerts
+    from apqa.pipeline.apdb import Apdb
     from apqa.pipeline.runner import RunConfig, run_pair
 
     console = Console(stderr=True)
@@ -106,11 +117,18 @@ def run(
                               template_zero_point if template_zero_point is not None
                               else zero_point)
             result = run_pair(sci, tmp, cfg, on_stage=lambda s: status.update(f"[bold]{s}"))
-            status.update("[bold]writing")
+            status.update("[bold]association and alerts")
             out.mkdir(parents=True, exist_ok=True)
+            with Apdb.create(apdb or out / "apdb.sqlite") as database:
+                produced = produce_alerts(database, result.dia_sources,
+                                          result.diffim.difference, result.science,
+                                          result.template, out / "alerts", cfg.alerts,
+                                          kafka_bootstrap, alert_topic)
+            result.timings.update(produced.timings)
+            status.update("[bold]writing")
             write_start = time.perf_counter()
             result.diffim.difference.write_fits(out / "difference.fits")
-            _atomic_parquet(result.dia_sources, out / "diaSources.parquet")
+            _atomic_parquet(produced.dia_sources, out / "diaSources.parquet")
             result.timings["write"] = time.perf_counter() - write_start
         info = {
             "science": str(science), "template": str(template), "algorithm": algorithm,
@@ -118,7 +136,12 @@ def run(
             "config_hash": config_hash(cfg), "timings": result.timings,
             "wall_time": time.perf_counter() - start, "peak_rss_bytes": result.peak_rss_bytes,
             "quality": result.quality, "suppressed": result.suppressed,
-            "n_dia_sources": len(result.dia_sources),
+            "n_dia_sources": len(result.dia_sources), "association": produced.counts,
+            "n_forced_sources": produced.n_forced,
+            "alerts": {"path": str(produced.alerts.path), "count": produced.alerts.n_alerts,
+                       "bytes": produced.alerts.total_bytes,
+                       "delivered": produced.alerts.delivered,
+                       "failed": produced.alerts.failed},
         }
         (out / "run.json").write_text(json.dumps(info, indent=2, default=float))
     except ApqaError as exc:
@@ -133,6 +156,11 @@ def run(
         ("noise ratio", f"{q.get('noise_ratio', float('nan')):.3f} "
                         f"(sky sources {q.get('sky_source_pull_std', float('nan')):.3f})"),
         ("template coverage", f"{q.get('template_coverage', 1.0):.3f}"),
+        ("DiaObjects", f"{int(produced.counts.get('numNewDiaObjects', 0))} new, "
+                       f"{int(produced.counts.get('numUpdatedDiaObjects', 0))} updated"),
+        ("alerts", f"{produced.alerts.n_alerts} in {produced.alerts.path}"
+                   + (f" ({produced.alerts.failed} not delivered)"
+                      if produced.alerts.failed else "")),
         ("wall time", " ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())),
         ("peak memory", f"{result.peak_rss_bytes / 1e9:.2f} GB"),
         ("outputs", str(out)),

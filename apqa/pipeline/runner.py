@@ -20,6 +20,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
+from apqa.pipeline.alert_production import AlertProductionConfig
 from apqa.pipeline.detect import DiaDetectionConfig, detect_dia_sources
 from apqa.pipeline.diffim.al import DiffimResult
 from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
@@ -32,6 +33,7 @@ class RunConfig(ConfigModel):
     diff: DiffConfig = Field(default_factory=DiffConfig)
     detection: DiaDetectionConfig = Field(default_factory=DiaDetectionConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    alerts: AlertProductionConfig = Field(default_factory=AlertProductionConfig)
     seed: int = Field(0, ge=0, description="seed of the sky-source positions")
 
 

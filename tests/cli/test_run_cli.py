@@ -23,11 +23,13 @@ app = register_commands()
 DECAM = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "decam-mini"
 
 
-def _plain_fits(exposure: Exposure, path: Path, zero_point: float) -> Path:
+def _plain_fits(exposure: Exposure, path: Path, zero_point: float, visit: int = 2,
+                mjd_offset: float = 0.0) -> Path:
     header = exposure.wcs.to_header()
     header["MAGZERO"] = zero_point
     header["FILTER"] = "g"
-    header["MJD-OBS"] = exposure.visit_info.mjd
+    header["VISIT"] = visit
+    header["MJD-OBS"] = exposure.visit_info.mjd + mjd_offset
     header["EXPTIME"] = 30.0
     fits.PrimaryHDU(exposure.image, header=header).writeto(path)
     return path
@@ -105,3 +107,30 @@ def test_run_bad_inputs(pair_files, tmp_path):
     assert result.exit_code == 2
     assert "threshold" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_two_visits_into_one_apdb_build_light_curves_and_alerts(pair_files, tmp_path):
+    import fastavro
+
+    sci, tpl, pair = pair_files
+    later = _plain_fits(pair.science, tmp_path / "sci3.fits", 28.0, visit=3, mjd_offset=1.0)
+    apdb_path = tmp_path / "apdb.sqlite"
+    for name, science in (("v2", sci), ("v3", later)):
+        result = runner.invoke(app, ["run", "--science", str(science), "--template", str(tpl),
+                                     "--out", str(tmp_path / name), "--apdb", str(apdb_path)])
+        assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "v2" / "run.json").read_text())
+    second = json.loads((tmp_path / "v3" / "run.json").read_text())
+    assert first["association"]["numNewDiaObjects"] == first["n_dia_sources"]
+    # The same transients seen again: every DIASource of the second visit updates an object.
+    assert second["association"]["numUpdatedDiaObjects"] >= 0.9 * second["n_dia_sources"]
+    assert second["association"]["numNewDiaObjects"] <= 0.1 * second["n_dia_sources"]
+    assert second["n_forced_sources"] >= 0.9 * second["n_dia_sources"]
+    dia = pd.read_parquet(tmp_path / "v3" / "diaSources.parquet")
+    assert dia["diaObjectId"].notna().all()
+    with open(second["alerts"]["path"], "rb") as handle:
+        packets = list(fastavro.reader(handle))
+    assert len(packets) == second["alerts"]["count"] == second["n_dia_sources"]
+    with_history = [p for p in packets if p["prvDiaSources"]]
+    assert len(with_history) >= 0.9 * len(packets)
+    assert all(p["cutoutDifference"] for p in packets)

@@ -1,0 +1,111 @@
+"""The end of alert production for one visit-detector: read the APDB for the detector's
+footprint, associate the DIASources, force-photometer known objects, store everything in one
+transaction and write (and optionally publish) the alert packets.
+
+This is the runner's glue between the DIASource table and the products of issue 7; each step
+is its own module (``apdb``, ``associate``, ``forced``, ``alerts``, ``alert_publish``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from apqa.config import ConfigModel
+from apqa.datamodel import Exposure
+from apqa.pipeline.alert_publish import AlertStats, AlertWriter
+from apqa.pipeline.alerts import AlertConfig, build_alerts
+from apqa.pipeline.apdb import Apdb
+from apqa.pipeline.associate import AssociationConfig, associate
+from apqa.pipeline.forced import forced_photometry
+
+
+class AlertProductionConfig(ConfigModel):
+    """Association, forced photometry and alert settings."""
+
+    association: AssociationConfig = Field(default_factory=AssociationConfig)
+    alerts: AlertConfig = Field(default_factory=AlertConfig)
+    footprint_margin_arcsec: float = Field(
+        5.0, ge=0, description="objects this far outside the detector are read too (moving "
+                               "and badly centred sources)")
+
+
+@dataclass
+class AlertProductionResult:
+    """Counts and timings of one visit-detector's association and alerts."""
+
+    dia_sources: pd.DataFrame
+    counts: dict[str, float] = field(default_factory=dict)
+    n_forced: int = 0
+    alerts: AlertStats | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def footprint_cone(exposure: Exposure, margin_arcsec: float = 0.0) -> tuple[float, float, float]:
+    """(ra, dec, radius) in degrees of a cone holding the whole exposure."""
+    height, width = exposure.shape
+    xs = np.array([(width - 1) / 2, 0, width - 1, 0, width - 1], float)
+    ys = np.array([(height - 1) / 2, 0, 0, height - 1, height - 1], float)
+    ra, dec = exposure.pixel_to_sky(xs, ys)
+    c_ra, c_dec = np.deg2rad(ra[0]), np.deg2rad(dec[0])
+    r_ra, r_dec = np.deg2rad(ra[1:]), np.deg2rad(dec[1:])
+    cos_sep = np.sin(c_dec) * np.sin(r_dec) + np.cos(c_dec) * np.cos(r_dec) * np.cos(r_ra - c_ra)
+    radius = float(np.rad2deg(np.arccos(np.clip(cos_sep, -1, 1))).max())
+    return float(ra[0]), float(dec[0]), radius + margin_arcsec / 3600.0
+
+
+def produce_alerts(apdb: Apdb, dia_sources: pd.DataFrame, difference: Exposure,
+                   science: Exposure, template: Exposure, alert_dir: str | Path,
+                   config: AlertProductionConfig | None = None,
+                   kafka_bootstrap: str | None = None, topic: str = "apqa-alerts"
+                   ) -> AlertProductionResult:
+    """Associate, force-photometer, store and alert one visit-detector.
+
+    Parameters
+    ----------
+    apdb
+        An open :class:`Apdb`.
+    dia_sources
+        The visit-detector's DiaSource table (``apqa.pipeline.measure``).
+    difference, science, template
+        The difference, the science exposure and the template on the science grid.
+    alert_dir
+        Where ``alerts_{visit}_{detector}.avro`` goes.
+    kafka_bootstrap, topic
+        Publish to this broker too (None: files only).
+    """
+    config = config or AlertProductionConfig()
+    info = difference.visit_info
+    visit, detector, mjd = info.visit, info.detector, info.mjd
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    objects, history = apdb.read_region(
+        footprint_cone(difference, config.footprint_margin_arcsec), before_mjd=mjd)
+    timings["apdb_read"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = associate(dia_sources, objects, config.association, history=history)
+    timings["associate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    forced = forced_photometry(result.footprint_objects, difference, science, visit, detector)
+    timings["forced"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    apdb.store_visit(visit, detector, result.dia_sources, result.dia_objects, forced)
+    timings["apdb_write"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ids = result.dia_objects["diaObjectId"].to_numpy()
+    forced_history = apdb.read_forced_sources(ids, before_mjd=mjd) if len(ids) else None
+    batch = build_alerts(result.dia_sources, result.dia_objects, difference, science, template,
+                         history=history, forced_history=forced_history, config=config.alerts)
+    stats = AlertWriter(alert_dir, kafka_bootstrap, topic).write(visit, detector, batch)
+    timings["alerts"] = time.perf_counter() - start
+    return AlertProductionResult(result.dia_sources, dict(result.counts), len(forced), stats,
+                                 timings)
