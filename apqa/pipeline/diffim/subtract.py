@@ -37,7 +37,7 @@ class DiffConfig(ConfigModel):
     # S/N > 30, kernel candidates with S/N > 10) at a fraction of a full characterization.
     characterize: CharacterizeConfig = Field(
         default_factory=lambda: CharacterizeConfig(n_iterations=1, detection_threshold=10.0,
-                                                   deblend_contrast=1.0))
+                                                   deblend_contrast=1.0, detection_binning=2))
     isr: IsrConfig = Field(default_factory=IsrConfig)
 
 
