@@ -266,6 +266,25 @@ class GridPsf:
                + ty * ((1 - tx) * self.images[j1, i0] + tx * self.images[j1, i1]))
         return (img / img.sum()).astype(np.float32)
 
+    @staticmethod
+    def _weights_many(nodes: np.ndarray, values: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if nodes.size == 1:
+            zeros = np.zeros(values.size, np.int64)
+            return zeros, zeros, np.zeros(values.size)
+        values = np.clip(values, nodes[0], nodes[-1])
+        i = np.clip(np.searchsorted(nodes, values) - 1, 0, nodes.size - 2)
+        return i, i + 1, (values - nodes[i]) / (nodes[i + 1] - nodes[i])
+
+    def images_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`image_at` for many positions at once: (N, k, k), each summing to 1."""
+        i0, i1, tx = self._weights_many(self.nodes_x, np.asarray(x, np.float64))
+        j0, j1, ty = self._weights_many(self.nodes_y, np.asarray(y, np.float64))
+        tx, ty = tx[:, None, None], ty[:, None, None]
+        img = ((1 - ty) * ((1 - tx) * self.images[j0, i0] + tx * self.images[j0, i1])
+               + ty * ((1 - tx) * self.images[j1, i0] + tx * self.images[j1, i1]))
+        return (img / img.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
+
     def fwhm_at(self, x: float, y: float) -> float:
         return measure_fwhm(self.image_at(x, y))
 
@@ -378,7 +397,7 @@ def psf_stamps(psf: Psf, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
         stamps = render_moffat_stamps(x - ix, y - iy, fwhm, g1, g2, psf.beta, psf.trunc,
                                       psf.stamp_size(), psf.order)
         return stamps, ix, iy
-    if isinstance(psf, PolynomialPsf):
+    if isinstance(psf, PolynomialPsf | GridPsf):
         centred = psf.images_at(x, y)
     else:
         centred = np.stack([psf.image_at(float(a), float(b)) for a, b in zip(x, y, strict=True)])
