@@ -79,4 +79,4 @@ def register_commands() -> typer.Typer:
 
 # Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
 COMMAND_MODULES = ("simulate", "inspect", "process", "diff", "run", "db", "metrics", "gate",
-                   "export", "apdb")
+                   "export", "apdb", "inject", "inject_and_run")

@@ -1,0 +1,133 @@
+"""The serial end of ``apqa inject-and-run``, in the driver process: association, APDB and
+alerts in visit order, then metrics, the metric store, the gate and ``run.json``.
+
+Association reads each finished unit's outputs (DiaSources, difference, science and warped
+template images), so it works the same whichever process ran the unit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from apqa.datamodel import Exposure
+from apqa.metrics.compute import compute_metrics
+from apqa.metrics.registry import Measurement
+from apqa.pipeline.alert_publish import AlertWriter
+from apqa.pipeline.alerts import build_alerts
+from apqa.pipeline.apdb import Apdb
+from apqa.pipeline.associate import associate
+from apqa.pipeline.forced import forced_photometry
+from apqa.pipeline.run_layout import unit_dir
+from apqa.pipeline.run_units import InjectRunConfig
+
+OK = ("done", "skipped")
+
+
+@dataclass
+class AssociationTotals:
+    """What association, the APDB and the alert writer did over the run."""
+
+    per_visit: list[dict] = field(default_factory=list)
+    dia_objects: pd.DataFrame | None = None
+    n_alerts: int = 0
+    alert_bytes: int = 0
+    apdb_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _footprint(exposure: Exposure) -> tuple[float, float, float]:
+    """(ra, dec, radius) in degrees of a cone holding the whole exposure."""
+    w, h = exposure.width - 1, exposure.height - 1
+    ra, dec = exposure.pixel_to_sky(np.array([w / 2, 0, w, 0, w]), np.array([h / 2, 0, 0, h, h]))
+    c = np.radians([ra[0], dec[0]])
+    r, d = np.radians(ra[1:]), np.radians(dec[1:])
+    cos = np.sin(c[1]) * np.sin(d) + np.cos(c[1]) * np.cos(d) * np.cos(r - c[0])
+    return float(ra[0]), float(dec[0]), float(np.degrees(np.arccos(np.clip(cos, -1, 1))).max())
+
+
+def associate_run(out: Path, records: list[dict], apdb_url: str,
+                  config: InjectRunConfig) -> AssociationTotals:
+    """Associate every finished unit in time order, store it in the APDB, write its alerts."""
+    totals = AssociationTotals()
+    writer = AlertWriter(out / "alerts")
+    with Apdb.create(apdb_url) as apdb:
+        for rec in sorted((r for r in records if r["status"] in OK),
+                          key=lambda r: (r["mjd"], r["visit"], r["detector"])):
+            visit, det = rec["visit"], rec["detector"]
+            folder = unit_dir(out, visit, det)
+            dia = pd.read_parquet(folder / "diaSources.parquet")
+            difference = Exposure.from_fits(folder / "difference.fits")
+            science = Exposure.from_fits(folder / "science.fits")
+            template = Exposure.from_fits(folder / "template.fits")
+            objects, history = apdb.read_region(_footprint(difference), before_mjd=rec["mjd"])
+            result = associate(dia, objects, config.association, history=history)
+            updated = set(result.dia_objects["diaObjectId"].tolist())
+            footprint = pd.concat([result.dia_objects,
+                                   objects[~objects["diaObjectId"].isin(updated)]],
+                                  ignore_index=True)
+            forced = forced_photometry(footprint, difference, science, visit, det)
+            forced_history = apdb.read_forced_sources(objects["diaObjectId"],
+                                                      before_mjd=rec["mjd"])
+            apdb.store_visit(visit, det, result.dia_sources, result.dia_objects, forced)
+            batch = build_alerts(result.dia_sources, result.dia_objects, difference, science,
+                                 template, history=history, forced_history=forced_history,
+                                 config=config.alerts)
+            stats = writer.write(visit, det, batch)
+            totals.n_alerts += stats.n_alerts
+            totals.alert_bytes += stats.total_bytes
+            totals.per_visit.append({"visit": visit, "detector": det,
+                                     "numSciSources": rec["n_sci_sources"],
+                                     **{k: result.counts[k] for k in (
+                                         "numDiaSources", "numNewDiaObjects",
+                                         "numUpdatedDiaObjects",
+                                         "numUnassociatedDiaObjects")}})
+        totals.dia_objects = apdb.read_dia_objects()
+        totals.apdb_counts = apdb.counts()
+    return totals
+
+
+def runtime_records(records: list[dict], stages: dict[str, float]) -> dict[str, dict]:
+    """``{stage: {wall, cpu, peak_rss}}`` for the metrics: unit stages summed over the units
+    that ran here, driver stages as timed, ``total`` = the units' wall and CPU time."""
+    ran = [r for r in records if r["status"] == "done"]
+    runtime: dict[str, dict] = {}
+    for rec in ran:
+        for stage, seconds in rec["timings"].items():
+            runtime.setdefault(stage, {"wall": 0.0})["wall"] += seconds
+    for stage, seconds in stages.items():
+        runtime[stage] = {"wall": seconds}
+    if ran:
+        runtime["total"] = {"wall": sum(r["wall"] for r in ran),
+                            "cpu": sum(r["cpu"] for r in ran),
+                            "peak_rss": max(r["peak_rss_bytes"] for r in ran)}
+    return runtime
+
+
+def run_metrics(out: Path, records: list[dict], totals: AssociationTotals,
+                runtime: dict[str, dict], tags: dict[str, str], seed: int
+                ) -> list[Measurement]:
+    """Every metric of the finished units (fakes, false DIASources, quality, counts, runtime)."""
+    ok = [r for r in records if r["status"] in OK]
+    matched = pd.concat([pd.read_parquet(unit_dir(out, r["visit"], r["detector"])
+                                         / "matched.parquet") for r in ok], ignore_index=True)
+    dia = pd.concat([pd.read_parquet(unit_dir(out, r["visit"], r["detector"])
+                                     / "diaSources.parquet") for r in ok], ignore_index=True)
+    real = np.array(sorted({i for r in ok for i in r["real_ids"]}), np.int64)
+    return compute_metrics(
+        matched=matched, dia_sources=dia, real_ids=real,
+        area_deg2=sum(r["area_deg2"] for r in ok), n_exposures=len(ok),
+        diffim=[{"visit": r["visit"], "detector": r["detector"], **r["diffim"]} for r in ok],
+        calibration=[{"visit": r["visit"], "detector": r["detector"], **r["calibration"]}
+                     for r in ok],
+        counts={"per_visit": totals.per_visit, "dia_objects": totals.dia_objects,
+                "alerts": {"count": totals.n_alerts, "total_bytes": totals.alert_bytes}},
+        runtime=runtime or None, tags=tags, seed=seed)
+
+
+def timed(stages: dict[str, float], name: str, start: float) -> None:
+    """Record the wall time of a driver stage that started at ``start``."""
+    stages[name] = time.perf_counter() - start

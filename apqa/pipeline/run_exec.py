@@ -1,0 +1,114 @@
+"""Executing the task graph of ``apqa inject-and-run``: in this process, on a Dask
+``LocalCluster`` of worker processes, or on an existing Dask cluster.
+
+The graph is small and static: one template task per detector and one unit task per science
+visit-detector depending on its detector's template task. Dask schedules it (no home-made
+scheduler); results are small dicts. Scheduler addresses:
+
+* ``process``: run everything here, one task after the other;
+* ``local:N``: a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``;
+* ``tcp://host:port`` (or any address ``dask.distributed.Client`` accepts): an existing
+  cluster whose workers see the output folder (a shared file system) and have apqa installed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from apqa.errors import InputError
+from apqa.pipeline.run_data import DatasetSource
+from apqa.pipeline.run_units import InjectRunConfig, run_template, run_unit
+
+_LOCAL = re.compile(r"local:(\d+)$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: template visit per detector and (visit, detector, mjd) science units."""
+
+    source: DatasetSource
+    config: InjectRunConfig
+    seed: int
+    out: str
+    templates: dict[int, int]
+    units: list[tuple[int, int, float]]
+    resume: bool = False
+
+
+def check_scheduler(address: str) -> str:
+    """Validate a ``--scheduler`` value (see the module notes); returns it."""
+    match = _LOCAL.match(address)
+    if address == "process" or "://" in address or (match and int(match.group(1)) >= 1):
+        return address
+    raise InputError(f"--scheduler {address!r}: expected 'process', 'local:N' with N >= 1 or "
+                     "a Dask scheduler address such as tcp://host:8786")
+
+
+def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
+            ) -> tuple[list[dict], list[dict]]:
+    """Run the template and unit tasks; ``on_unit`` is called with each unit record as it
+    finishes (any order). Returns (template records, unit records in plan order)."""
+    check_scheduler(scheduler)
+    if scheduler == "process":
+        return _in_process(plan, on_unit)
+    from dask.distributed import Client, LocalCluster
+
+    match = _LOCAL.match(scheduler)
+    if match:
+        with LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=40) as cluster, \
+                Client(cluster) as client:
+            return _on_dask(client, plan, on_unit)
+    try:
+        client = Client(scheduler, timeout="10s")
+    except OSError as exc:
+        raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    with client:
+        return _on_dask(client, plan, on_unit)
+
+
+def _in_process(plan: Plan, on_unit: Callable[[dict], None]) -> tuple[list[dict], list[dict]]:
+    templates = {det: run_template(plan.source, plan.config, visit, det, plan.out, plan.resume)
+                 for det, visit in sorted(plan.templates.items())
+                 if any(d == det for _, d, _ in plan.units)}
+    records = []
+    for visit, det, _ in plan.units:
+        record = run_unit(plan.source, plan.config, plan.seed, visit, det, plan.out,
+                          templates[det], plan.resume)
+        on_unit(record)
+        records.append(record)
+    return list(templates.values()), records
+
+
+def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
+             ) -> tuple[list[dict], list[dict]]:
+    from dask.distributed import as_completed
+
+    used = sorted({det for _, det, _ in plan.units})
+    templates = {det: client.submit(run_template, plan.source, plan.config, plan.templates[det],
+                                    det, plan.out, plan.resume, pure=False,
+                                    key=f"template-d{det}") for det in used}
+    futures = {client.submit(run_unit, plan.source, plan.config, plan.seed, visit, det,
+                             plan.out, templates[det], plan.resume, pure=False,
+                             key=f"unit-v{visit}-d{det}"): (visit, det)
+               for visit, det, _ in plan.units}
+    done: dict[tuple[int, int], dict] = {}
+    for future in as_completed(futures):
+        visit, det = futures[future]
+        try:
+            record = future.result()
+        except Exception as exc:  # the worker died or the task could not run at all
+            record = {"visit": visit, "detector": det, "status": "failed",
+                      "error": f"{type(exc).__name__}: {exc}"}
+        done[(visit, det)] = record
+        on_unit(record)
+    template_records = []
+    for det, future in templates.items():
+        try:
+            template_records.append(future.result())
+        except Exception as exc:
+            template_records.append({"visit": plan.templates[det], "detector": det,
+                                     "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    return template_records, [done[(v, d)] for v, d, _ in plan.units]

@@ -1,0 +1,114 @@
+"""The run directory of ``apqa inject-and-run``: where each output goes, atomic writes, checksums.
+
+Layout (``OUT`` is ``--out``)::
+
+    OUT/run.json                         provenance, configuration, timings, summary
+    OUT/apdb.sqlite                      the APDB (unless --apdb)
+    OUT/alerts/alerts_{visit}_{det}.avro alert packets per visit-detector
+    OUT/templates/d{det}/calexp.fits     the processed template of each detector
+    OUT/templates/d{det}/unit.json
+    OUT/units/v{visit}_d{det}/           one folder per science visit-detector:
+        science.fits, template.fits, difference.fits   injected calexp, warped template, diffim
+        fakes.parquet, diaSources.parquet, matched.parquet
+        unit.json                        status, error, timings, peak memory, sha256 of outputs
+
+A unit is finished when its ``unit.json`` says ``done`` and every output it lists still has the
+recorded sha256: that is what ``--resume`` checks before skipping it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from apqa.datamodel import Exposure
+
+UNIT_FILE = "unit.json"
+
+
+def unit_dir(out: Path, visit: int, detector: int) -> Path:
+    """Folder of one science visit-detector."""
+    return Path(out) / "units" / f"v{visit}_d{detector:02d}"
+
+
+def template_dir(out: Path, detector: int) -> Path:
+    """Folder of one detector's processed template."""
+    return Path(out) / "templates" / f"d{detector:02d}"
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _temp_beside(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    return tmp
+
+
+def _replace(tmp: str, path: Path) -> None:
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON beside ``path`` and rename it into place (never half a file)."""
+    tmp = _temp_beside(path)
+    try:
+        Path(tmp).write_text(json.dumps(data, indent=2, default=float))
+        _replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write a table as Parquet atomically."""
+    tmp = _temp_beside(path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        _replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_exposure(exposure: Exposure, path: Path) -> None:
+    """Write an exposure as FITS atomically."""
+    tmp = _temp_beside(path)
+    try:
+        exposure.write_fits(tmp, overwrite=True)
+        _replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_unit(folder: Path) -> dict | None:
+    """The unit record of a folder, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / UNIT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished(folder: Path) -> dict | None:
+    """The unit record if the unit is done and all its outputs match their checksums."""
+    record = read_unit(folder)
+    if record is None or record.get("status") != "done":
+        return None
+    for name, digest in record.get("checksums", {}).items():
+        path = Path(folder) / name
+        if not path.is_file() or sha256(path) != digest:
+            return None
+    return record

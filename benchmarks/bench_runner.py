@@ -1,0 +1,64 @@
+"""Benchmark of ``apqa inject-and-run``: the default run, one full 2048x4096 unit's stages, and
+throughput on a Dask LocalCluster with 1 and 2 worker processes.
+
+Each measurement is a whole ``apqa inject-and-run`` process timed with ``/usr/bin/time -v``
+(wall time, peak RSS of the driver); per-stage times and per-worker peak memory come from the
+units' ``unit.json``. Run: ``python benchmarks/bench_runner.py [--units N] [--out DIR]``
+(the issue's scaling target uses 16 units; fewer give a reduced run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def timed_run(out: Path, *args: str) -> dict:
+    """Run ``apqa inject-and-run`` under /usr/bin/time -v; wall s, driver peak RSS, units."""
+    cmd = ["/usr/bin/time", "-v", str(Path(sys.executable).parent / "apqa"), "inject-and-run",
+           "--out", str(out), "--db", str(out.parent / f"{out.name}.db"), "--quiet", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    units = [json.loads(p.read_text()) for p in sorted(out.glob("units/*/unit.json"))]
+    return {"exit": proc.returncode, "wall": hours * 3600 + minutes * 60 + seconds,
+            "driver_peak_rss_gb": rss * 1024 / 1e9, "units": units}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--units", type=int, default=16, help="visit-detectors for scaling")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench_runner."))
+    root.mkdir(parents=True, exist_ok=True)
+
+    default = timed_run(root / "default")
+    print(f"default run (hits-sim, 2 units of 2048x4096, local:2): {default['wall']:.1f} s wall,"
+          f" exit {default['exit']}, driver peak RSS {default['driver_peak_rss_gb']:.2f} GB")
+    unit = default["units"][0]
+    print("one 2048x4096 unit, stages (s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in unit["timings"].items())
+        + f"; unit wall {unit['wall']:.1f} s, cpu {unit['cpu']:.1f} s")
+
+    visits = max(1, args.units // 2)
+    results = {}
+    for workers in (1, 2):
+        res = timed_run(root / f"scale{workers}", "--visits", str(visits), "--detectors", "2",
+                        "--scheduler", f"local:{workers}")
+        n = len(res["units"])
+        peak = max(u["peak_rss_bytes"] for u in res["units"]) / 1e9
+        results[workers] = n / res["wall"]
+        print(f"{n} units on {workers} worker(s): {res['wall']:.1f} s, "
+              f"{results[workers] * 60:.2f} units/min, worker peak RSS {peak:.2f} GB")
+    print(f"throughput ratio 2 vs 1 workers: {results[2] / results[1]:.2f}x (target >= 1.8x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""``apqa inject-and-run`` from the command line: a manifest-folder dataset with one corrupt raw
+file (only its unit fails, exit code 1), --json output, and bad input (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from apqa.cli.app import register_commands
+from apqa.sim.config import SimulationConfig
+from apqa.sim.survey import SurveySimulator
+
+runner = CliRunner()
+app = register_commands()
+CONFIG = """crop: [512, 1024, 1024, 1024]
+n_fakes: 60
+fake_kinds: [point, negative]
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    sim = SurveySimulator(SimulationConfig(dataset="hits-sim", n_visits=2, seed=3,
+                                           spec_overrides={"star_density": 16000}))
+    sim.write(root / "field")
+    (root / "run.yaml").write_text(CONFIG)
+    return root
+
+
+def test_corrupt_input_fails_only_its_unit(dataset, tmp_path):
+    raw = dataset / "field" / "raw" / "raw_410002_01.fits"
+    raw.write_bytes(raw.read_bytes()[:5000])  # truncated FITS file
+    result = runner.invoke(app, [
+        "inject-and-run", "--dataset", str(dataset / "field"), "--config",
+        str(dataset / "run.yaml"), "--out", str(tmp_path / "out"), "--db",
+        str(tmp_path / "m.db"), "--scheduler", "process", "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_units"] == 2 and summary["n_failed"] == 1
+    assert summary["failed"][0]["visit"] == 410002
+    assert "raw_410002_01.fits" in summary["failed"][0]["error"]
+    assert summary["metric_run_id"] is not None
+    done = json.loads((tmp_path / "out/units/v410001_d01/unit.json").read_text())
+    assert done["status"] == "done" and done["n_matched"] > 0
+    failed = json.loads((tmp_path / "out/units/v410002_d01/unit.json").read_text())
+    assert failed["status"] == "failed"
+    assert (tmp_path / "out/units/v410002_d01/error.log").read_text().startswith("Traceback")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--scheduler", "local:0"], "--scheduler 'local:0': expected 'process', 'local:N'"),
+    (["--dataset", "nowhere"], "--dataset nowhere: neither an embedded dataset"),
+    (["--fake-kinds", "point,comet"], "fake kinds ['comet']: unknown"),
+    (["--algorithm", "hotpants"], "--algorithm 'hotpants': expected 'al' or 'zogy'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["inject-and-run", "--out", str(tmp_path / "o"), "--db",
+                                 str(tmp_path / "m.db"), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "o" / "run.json").exists()

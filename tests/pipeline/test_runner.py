@@ -1,0 +1,99 @@
+"""``inject_and_run`` end to end on a small part of a simulated detector: metrics against truth,
+the metric store and gate, the APDB and alerts, Dask worker processes, resume and checksums."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from apqa.ci import load_thresholds
+from apqa.pipeline.apdb import Apdb
+from apqa.pipeline.inject_run import RunOptions, inject_and_run
+from apqa.pipeline.run_layout import finished, unit_dir
+from apqa.pipeline.run_units import InjectRunConfig
+from apqa.store import MetricStore
+
+THRESHOLDS = Path(__file__).parents[2] / "ci" / "thresholds.yaml"
+# A 1024x1024 piece of the detector; denser stars so the piece still has enough reference stars.
+CONFIG = InjectRunConfig(n_fakes=100, crop=(512, 1024, 1024, 1024),
+                         fake_kinds=["point", "variable", "negative"],
+                         spec_overrides={"star_density": 16000})
+
+
+def _values(measurements) -> dict:
+    """Measurements other than runtime ones (those depend on the machine), by name and tags."""
+    out = {}
+    for m in measurements:
+        if not m.metric.startswith("apqa.runtime."):
+            key = (m.metric, tuple(sorted(m.tags.items())))
+            out[(*key, "value")] = m.value
+            out[(*key, "uncertainty")] = float("nan") if m.uncertainty is None else m.uncertainty
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("irun")
+    report = inject_and_run(RunOptions(out=root / "out", config=CONFIG, db=str(root / "m.db"),
+                                       scheduler="process", thresholds=THRESHOLDS))
+    return root, report
+
+
+def test_end_to_end_metrics_store_gate_apdb_alerts(run):
+    root, report = run
+    assert report.n_failed == 0 and [u["status"] for u in report.units] == ["done", "done"]
+    by = {(m.metric, m.tags.get("fake_class"), m.tags.get("mag_bin")): m
+          for m in report.measurements}
+    # Fakes of 20-22 mag are far above the detection limit, 24-26 mostly below it.
+    bright = by[("apqa.completeness.fractionInMagBin", "all", "20-22")].value
+    faint = by[("apqa.completeness.fractionInMagBin", "all", "24-26")].value
+    assert 0.7 <= bright <= 1.0 and faint < 0.3
+    m50 = by[("apqa.completeness.m50", "all", None)]
+    assert 22.5 < m50.value < 24.5 and 0 < m50.uncertainty < 0.5
+    n_fakes = by[("apqa.completeness.nFakes", "all", None)].value
+    assert n_fakes == sum(u["n_fakes_drawn"] for u in report.units)
+
+    store = MetricStore(str(root / "m.db"), create=False)
+    assert store.resolve_run("latest").id == report.store_run_id
+    assert store.count_measurements(report.store_run_id) == len(report.measurements)
+    assert report.gate is not None
+    assert len([c for c in report.gate.checks if c.kind == "threshold"]) >= len(
+        load_thresholds(THRESHOLDS)) - 2
+
+    with Apdb.open(report.apdb) as apdb:
+        counts = apdb.counts()
+    assert counts["DiaSource"] == sum(u["n_dia_sources"] for u in report.units)
+    alerts = sorted((report.out / "alerts").glob("*.avro"))
+    assert [a.name for a in alerts] == ["alerts_410001_1.avro", "alerts_410002_1.avro"]
+    info = json.loads(report.run_json.read_text())
+    assert info["git_sha"] and info["units"][0]["peak_rss_bytes"] > 0
+    assert set(info["stages"]) == {"units", "associate", "metrics", "store"}
+
+
+def test_dask_local_cluster_gives_the_same_metrics(run, tmp_path):
+    _, report = run
+    dask = inject_and_run(RunOptions(out=tmp_path / "out", config=CONFIG,
+                                     db=str(tmp_path / "m.db"), scheduler="local:2"))
+    assert dask.scheduler == "local:2" and dask.n_failed == 0
+    # Identical inputs; the bootstrap fits agree to rounding (threaded BLAS sums differ).
+    assert _values(dask.measurements) == pytest.approx(_values(report.measurements), rel=1e-6,
+                                                       nan_ok=True)
+
+
+def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
+    _, report = run
+    out = tmp_path / "out"
+    shutil.copytree(report.out, out)
+    damaged = unit_dir(out, 410002, 1) / "matched.parquet"
+    damaged.write_bytes(damaged.read_bytes() + b"x")
+    assert finished(unit_dir(out, 410001, 1)) and not finished(unit_dir(out, 410002, 1))
+    again = inject_and_run(RunOptions(out=out, config=CONFIG, db=str(tmp_path / "m.db"),
+                                      scheduler="process", resume=True))
+    assert [u["status"] for u in again.units] == ["skipped", "done"]
+    assert [t["status"] for t in again.templates] == ["skipped"]
+    assert finished(unit_dir(out, 410002, 1))
+    assert _values(again.measurements) == pytest.approx(_values(report.measurements),
+                                                        rel=1e-6, nan_ok=True)
