@@ -159,5 +159,6 @@ def inject_and_run_command(
                           f"done in {report.wall:.1f} s ({report.scheduler}); outputs "
                           f"{report.out}, run.json, APDB {report.apdb}; metrics run "
                           f"{report.store_run_id} in {report.store_url}")
-    if report.n_failed:
+    # A failed unit or a failed gate both fail the job (CI relies on this).
+    if report.n_failed or (report.gate is not None and not report.gate.passed):
         raise typer.Exit(1)
