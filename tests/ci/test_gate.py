@@ -43,7 +43,7 @@ def test_shipped_thresholds_pass_a_good_run_and_fail_a_bad_one(store):
     good = _record(store, 1)
     report = evaluate_gate(store, good, limits)
     assert report.passed, [c for c in report.checks if not c.passed]
-    bad = _record(store, 2, snr50=11.0, wall=45.0, noise_ratio=1.2)
+    bad = _record(store, 2, snr50=11.0, wall=60.0, noise_ratio=1.2)
     report = evaluate_gate(store, bad, limits)
     failed = {c.metric for c in report.failures}
     assert failed == {"apqa.completeness.snr50", "apqa.completeness.fraction_snr10",
