@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apqa import __version__
+from apqa.atomic import write_json, write_parquet
 from apqa.cli.app import app, fail
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
@@ -48,18 +46,9 @@ def _read_defects(path: Path) -> pd.DataFrame:
 
 def write_outputs(out: Path, result, info: dict) -> None:
     """Write calexp.fits, sources.parquet and process.json, each atomically."""
-    out.mkdir(parents=True, exist_ok=True)
     result.calexp.write_fits(out / "calexp.fits")
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".sources.", suffix=".parquet")
-    os.close(fd)
-    try:
-        result.sources.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / "sources.parquet")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    (out / "process.json").write_text(json.dumps(info, indent=2, default=float))
+    write_parquet(result.sources, out / "sources.parquet")
+    write_json(info, out / "process.json")
 
 
 @app.command(epilog=EPILOG)

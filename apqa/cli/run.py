@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from apqa import __version__
+from apqa.atomic import write_json, write_parquet
 from apqa.cli.app import app, fail
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
@@ -50,18 +48,6 @@ def _versions() -> dict[str, str]:
     return {"apqa": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
             "scipy": scipy.__version__, "astropy": astropy.__version__,
             "galsim": galsim.__version__, "pandas": pandas.__version__, "sep": sep.__version__}
-
-
-def _atomic_parquet(frame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".parquet")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _calibrated(exposure, path: Path, zero_point: float | None):
@@ -128,7 +114,7 @@ def run(
             status.update("[bold]writing")
             write_start = time.perf_counter()
             result.diffim.difference.write_fits(out / "difference.fits")
-            _atomic_parquet(produced.dia_sources, out / "diaSources.parquet")
+            write_parquet(produced.dia_sources, out / "diaSources.parquet")
             result.timings["write"] = time.perf_counter() - write_start
         info = {
             "science": str(science), "template": str(template), "algorithm": algorithm,
@@ -143,7 +129,7 @@ def run(
                        "delivered": produced.alerts.delivered,
                        "failed": produced.alerts.failed},
         }
-        (out / "run.json").write_text(json.dumps(info, indent=2, default=float))
+        write_json(info, out / "run.json")
     except ApqaError as exc:
         raise fail(str(exc)) from None
     q = result.quality

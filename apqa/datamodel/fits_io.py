@@ -18,8 +18,6 @@ SATURATE, MAGZERO/PHOTZP, EXPTIME, FILTER and MJD-OBS/DATE-OBS from the header.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import maximum_filter, uniform_filter
 
+from apqa.atomic import write_atomically
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.mask import Mask
 from apqa.datamodel.photocalib import PhotoCalib
@@ -178,17 +177,7 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
             hdus.append(fits.ImageHDU(exposure.psf.coefficients.astype(np.float64),
                                       name="PSF_COEFFS"))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary data files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
 
 
 def _read_wcs(header: fits.Header, source: str, required: bool) -> WCS | None:

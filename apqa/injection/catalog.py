@@ -14,8 +14,6 @@ world convention, so a fake looks the same in every visit whatever the camera ro
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 from scipy.stats import qmc
 
+from apqa.atomic import write_parquet
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import InputError
@@ -359,15 +358,5 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
 
 def write_catalog(table: pd.DataFrame, path: str | Path) -> Path:
     """Write a catalog as Parquet atomically (no partial file under the final name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_parquet(table, path)
+

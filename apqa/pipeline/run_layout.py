@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import pandas as pd
-
+from apqa.atomic import write_json, write_parquet  # noqa: F401 (re-exported)
 from apqa.datamodel import Exposure
 
 UNIT_FILE = "unit.json"
@@ -50,48 +47,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _temp_beside(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    return tmp
-
-
-def _replace(tmp: str, path: Path) -> None:
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON beside ``path`` and rename it into place (never half a file)."""
-    tmp = _temp_beside(path)
-    try:
-        Path(tmp).write_text(json.dumps(data, indent=2, default=float))
-        _replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as Parquet atomically."""
-    tmp = _temp_beside(path)
-    try:
-        frame.to_parquet(tmp, index=False)
-        _replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_exposure(exposure: Exposure, path: Path) -> None:
-    """Write an exposure as FITS atomically."""
-    tmp = _temp_beside(path)
-    try:
-        exposure.write_fits(tmp, overwrite=True)
-        _replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write an exposure as FITS (atomically, as :meth:`Exposure.write_fits` always does)."""
+    exposure.write_fits(path)
 
 
 def read_unit(folder: Path) -> dict | None:
