@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from apqa.datamodel import Psf, shift_kernels
+from apqa.pipeline.photometry import fit_window
 
 
 @dataclass
@@ -67,17 +68,9 @@ def fit_dipole(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf:
     k = kernel.shape[0] // 2
     sep = np.hypot(pos[0] - neg[0], pos[1] - neg[1])
     half = k + int(np.ceil(sep / 2)) + 1
-    ix, iy = round(cx), round(cy)
-    height, width = image.shape
-    y0, y1 = max(iy - half, 0), min(iy + half + 1, height)
-    x0, x1 = max(ix - half, 0), min(ix + half + 1, width)
-    data = image[y0:y1, x0:x1].astype(np.float64)
-    var = variance[y0:y1, x0:x1].astype(np.float64)
-    ok = usable[y0:y1, x0:x1] & np.isfinite(var) & (var > 0) & np.isfinite(data)
+    data, sw, ok, x0, y0 = fit_window(image, variance, usable, cx, cy, half)
     if ok.sum() < 20:
         return None
-    weight = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
-    sw = np.sqrt(weight)
 
     def lobe(x: float, y: float) -> np.ndarray:
         # The PSF shifted to (x, y) and placed on the stamp's grid.

@@ -141,3 +141,21 @@ def psf_fit_centroid(image: np.ndarray, variance: np.ndarray, usable: np.ndarray
             x[sl] = np.where(move, x[sl] + np.nan_to_num(dx), x[sl])
             y[sl] = np.where(move, y[sl] + np.nan_to_num(dy), y[sl])
     return x, y
+
+
+def fit_window(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, cx: float,
+               cy: float, half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The box of half-size ``half`` around (cx, cy), clipped to the image, for model fits.
+
+    Returns ``(data, sqrt_weight, ok, x0, y0)``: float64 pixels, 1/sigma (0 where unusable),
+    the usable-pixel map and the box's lower-left pixel.
+    """
+    ix, iy = round(cx), round(cy)
+    height, width = image.shape
+    y0, y1 = max(iy - half, 0), min(iy + half + 1, height)
+    x0, x1 = max(ix - half, 0), min(ix + half + 1, width)
+    data = image[y0:y1, x0:x1].astype(np.float64)
+    var = variance[y0:y1, x0:x1].astype(np.float64)
+    ok = usable[y0:y1, x0:x1] & np.isfinite(var) & (var > 0) & np.isfinite(data)
+    sqrt_weight = np.where(ok, 1.0 / np.sqrt(np.where(ok, var, 1.0)), 0.0)
+    return data, sqrt_weight, ok, x0, y0

@@ -16,6 +16,7 @@ from scipy.fft import irfft2, rfft2
 from scipy.optimize import least_squares
 
 from apqa.datamodel import Psf
+from apqa.pipeline.photometry import fit_window
 
 _OVERSAMPLE = 4
 
@@ -62,16 +63,9 @@ def fit_trail(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf: 
     kernel = psf.image_at(x, y)
     k = kernel.shape[0] // 2
     half = k + int(np.ceil(0.75 * length)) + 2
-    ix, iy = round(x), round(y)
-    height, width = image.shape
-    y0, y1 = max(iy - half, 0), min(iy + half + 1, height)
-    x0, x1 = max(ix - half, 0), min(ix + half + 1, width)
-    data = image[y0:y1, x0:x1].astype(np.float64)
-    var = variance[y0:y1, x0:x1].astype(np.float64)
-    ok = usable[y0:y1, x0:x1] & np.isfinite(var) & (var > 0) & np.isfinite(data)
+    data, sw, ok, x0, y0 = fit_window(image, variance, usable, x, y, half)
     if ok.sum() < 30:
         return None
-    sw = np.where(ok, 1.0 / np.sqrt(np.where(ok, var, 1.0)), 0.0)
     # Pad to avoid wrap-around, then convolve with the (centred) PSF by FFT.
     shape = (data.shape[0] + 2 * k, data.shape[1] + 2 * k)
     kpad = np.zeros(shape)
