@@ -162,6 +162,7 @@ def fit_logistic(x: np.ndarray, detected: np.ndarray, *, decreasing: bool = Fals
         return None
     sign = -1.0 if decreasing else 1.0
     order = np.argsort(x, kind="stable")
+    n_bins = min(n_bins, len(x))  # equal-count bins: never an empty one
     bins = np.minimum(np.arange(len(x)) * n_bins // len(x), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins)
     xs = np.bincount(bins, weights=x[order], minlength=n_bins) / counts
