@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from apqa.datamodel import Psf, shift_kernels
+from apqa.datamodel import Psf, measure_fwhm, shift_kernels
 from apqa.pipeline.photometry import fit_window
 
 
@@ -65,7 +65,11 @@ def fit_dipole(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf:
     """
     cx, cy = 0.5 * (pos[0] + neg[0]), 0.5 * (pos[1] + neg[1])
     kernel = psf.image_at(cx, cy)
-    k = kernel.shape[0] // 2
+    # The model needs the PSF's core and near wings, not a wide stamp (the difference PSF's
+    # can be 75 px): 3 FWHM keeps > 99% of a Moffat's flux and makes each step ~10x cheaper.
+    k = min(kernel.shape[0] // 2, int(np.ceil(3 * measure_fwhm(kernel))))
+    c = kernel.shape[0] // 2
+    kernel = kernel[c - k:c + k + 1, c - k:c + k + 1]
     sep = np.hypot(pos[0] - neg[0], pos[1] - neg[1])
     half = k + int(np.ceil(sep / 2)) + 1
     data, sw, ok, x0, y0 = fit_window(image, variance, usable, cx, cy, half)

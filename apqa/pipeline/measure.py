@@ -349,7 +349,11 @@ def _dipoles(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
     attempted, dipole = np.zeros(n, bool), np.zeros(n, bool)
     x = table["x"].to_numpy(np.float64).copy()
     y = table["y"].to_numpy(np.float64).copy()
-    two = np.flatnonzero(cands["has_positive"].to_numpy() & cands["has_negative"].to_numpy())
+    # Lobes more than 3 FWHM apart are two sources in one footprint, not a dipole.
+    lobe_sep = np.hypot(cands["pos_x"] - cands["neg_x"], cands["pos_y"] - cands["neg_y"])
+    fwhm = difference.psf.fwhm_at((difference.width - 1) / 2, (difference.height - 1) / 2)
+    two = np.flatnonzero(cands["has_positive"].to_numpy() & cands["has_negative"].to_numpy()
+                         & (lobe_sep.to_numpy() <= 3 * fwhm))
     calib = difference.photo_calib
     for i in two:
         row = cands.iloc[i]
