@@ -94,29 +94,45 @@ def _nll(p: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def _fit_batch(x: np.ndarray, n: np.ndarray, k: np.ndarray, theta0: np.ndarray, sign: float,
-               iterations: int = 80) -> np.ndarray:
-    """Maximum-likelihood fits of many binned data sets at once (damped Fisher scoring)."""
+               min_log_width: float, iterations: int = 200) -> np.ndarray:
+    """Maximum-likelihood fits of many binned data sets at once (damped Fisher scoring).
+
+    The width is kept above ``exp(min_log_width)``: a bootstrap replicate whose detected and
+    missed fakes happen to separate perfectly has its optimum at zero width, where the 50%
+    point is undetermined and the fit would stop wherever the iterations ran out.
+    """
     theta = np.repeat(theta0[None, :], n.shape[0], axis=0)
+    theta[:, 1] = np.maximum(theta[:, 1], min_log_width)
     lam = np.full(n.shape[0], 1e-3)
     p, jac = _model(theta, x, sign)
     loss = _nll(p, n, k)
     for _ in range(iterations):
         pc = np.clip(p, 1e-9, 1 - 1e-9)
         w = n / (pc * (1 - pc))
-        info = np.einsum("bij,bi,bik->bjk", jac, w, jac)
         score = np.einsum("bij,bi->bj", jac, (k - n * pc) / (pc * (1 - pc)))
+        # Projected scoring: a parameter held at its bound by a score pushing outwards is
+        # frozen for this step, so the free ones still converge.
+        frozen = np.zeros(theta.shape, bool)
+        frozen[:, 1] = (theta[:, 1] <= min_log_width) & (score[:, 1] < 0)
+        frozen[:, 2] = ((theta[:, 2] >= 12) & (score[:, 2] > 0)) | (
+            (theta[:, 2] <= -12) & (score[:, 2] < 0))
+        free_jac = np.where(frozen[:, None, :], 0.0, jac)
+        info = np.einsum("bij,bi,bik->bjk", free_jac, w, free_jac)
         diag = np.einsum("bjj->bj", info)
         damped = info + (lam[:, None] * diag + 1e-9)[:, :, None] * np.eye(3)[None]
-        step = np.linalg.solve(damped, score[:, :, None])[:, :, 0]
+        step = np.linalg.solve(damped, np.where(frozen, 0.0, score)[:, :, None])[:, :, 0]
         trial = theta + step
+        trial[:, 1] = np.maximum(trial[:, 1], min_log_width)
         trial[:, 2] = np.clip(trial[:, 2], -12, 12)  # plateau kept inside (0, 1)
+        moved = np.abs(trial - theta).max(axis=1)
         tp, tj = _model(trial, x, sign)
         tl = _nll(tp, n, k)
         better = np.isfinite(tl) & (tl <= loss)
         theta[better], p[better], jac[better], loss[better] = (
             trial[better], tp[better], tj[better], tl[better])
         lam = np.where(better, lam / 3, lam * 4)
-        if np.abs(step).max() < 1e-6:
+        # Done: the last step moved nothing, or no step downhill is left (flat likelihood).
+        if np.all((moved < 1e-8) | (lam > 1e6)):
             break
     return theta
 
@@ -175,7 +191,11 @@ def fit_logistic(x: np.ndarray, detected: np.ndarray, *, decreasing: bool = Fals
     x50_0 = float(xs_dir[np.argmax(rising >= amp0 / 2)])
     width0 = max(float(np.std(x)) / 10, 1e-3)
     theta0 = np.array([x50_0, np.log(width0), np.log(amp0 / (1 - amp0))])
-    best = _fit_batch(xs, counts[None].astype(float), ks[None], theta0, sign)[0]
+    # A width below half the spacing of the bin centres is not measurable from these data.
+    min_log_width = float(np.log(max(0.5 * float(np.median(np.diff(xs))) if n_bins > 1
+                                     else 0.0, 1e-6)))
+    theta0[1] = max(theta0[1], min_log_width)
+    best = _fit_batch(xs, counts[None].astype(float), ks[None], theta0, sign, min_log_width)[0]
     if not (xs[0] <= best[0] <= xs[-1]):
         return None
     rng = np.random.default_rng(seed)
@@ -184,7 +204,7 @@ def fit_logistic(x: np.ndarray, detected: np.ndarray, *, decreasing: bool = Fals
     draws = rng.multinomial(len(x), cells, size=n_boot).astype(float)
     kb = draws[:, :n_bins]
     nb = kb + draws[:, n_bins:]
-    boot = _fit_batch(xs, nb, kb, best, sign)
+    boot = _fit_batch(xs, nb, kb, best, sign, min_log_width)
     boot = boot[np.isfinite(boot).all(axis=1)]
     width, amp = np.exp(boot[:, 1]), _sigmoid(boot[:, 2])
     return LogisticFit(float(best[0]), float(np.exp(best[1])), float(_sigmoid(best[2])),

@@ -99,3 +99,18 @@ def test_snr50_and_fraction_snr10_from_a_known_curve():
     frac = by[("apqa.completeness.fraction_snr10", "isolated", None)]
     # Expected: plateau * mean logistic over S/N 10-20 (essentially the plateau).
     assert abs(frac.value - 0.99) < 3 * frac.uncertainty
+
+
+def test_bootstrap_uncertainty_is_stable_against_rounding():
+    # Few fakes: many bootstrap replicates separate detected from missed perfectly; their fits
+    # must not wander (the old unbounded fit changed x50_err by up to 100% for 1e-9 changes).
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        n = int(rng.integers(50, 150))
+        snr = rng.uniform(0, 20, n)
+        det = rng.random(n) < 1 / (1 + np.exp(-(snr - 5) / 0.5))
+        a = fit_logistic(snr, det, n_boot=200)
+        b = fit_logistic(snr * (1 + 1e-9 * rng.normal(size=n)), det, n_boot=200)
+        if a is not None:
+            assert b.x50 == pytest.approx(a.x50, rel=1e-6)
+            assert b.x50_err == pytest.approx(a.x50_err, rel=1e-3)

@@ -34,6 +34,18 @@ def _values(measurements) -> dict:
     return out
 
 
+def _assert_same_metrics(got, expected) -> None:
+    """Values equal to rounding; bootstrap uncertainties to 1e-3: the FFTs' float rounding
+    differs between processes, and a bootstrap replicate whose fakes separate perfectly has a
+    flat likelihood along its 50% point, so its fit moves by ~1e-4 with the last bits of S/N."""
+    got, expected = _values(got), _values(expected)
+    assert got.keys() == expected.keys()
+    for kind, rel in (("value", 1e-6), ("uncertainty", 1e-3)):
+        pick = [k for k in expected if k[-1] == kind]
+        assert [got[k] for k in pick] == pytest.approx([expected[k] for k in pick], rel=rel,
+                                                       nan_ok=True)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("irun")
@@ -78,9 +90,7 @@ def test_dask_local_cluster_gives_the_same_metrics(run, tmp_path):
     dask = inject_and_run(RunOptions(out=tmp_path / "out", config=CONFIG,
                                      db=str(tmp_path / "m.db"), scheduler="local:2"))
     assert dask.scheduler == "local:2" and dask.n_failed == 0
-    # Identical inputs; the bootstrap fits agree to rounding (threaded BLAS sums differ).
-    assert _values(dask.measurements) == pytest.approx(_values(report.measurements), rel=1e-6,
-                                                       nan_ok=True)
+    _assert_same_metrics(dask.measurements, report.measurements)
 
 
 def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
@@ -95,5 +105,4 @@ def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
     assert [u["status"] for u in again.units] == ["skipped", "done"]
     assert [t["status"] for t in again.templates] == ["skipped"]
     assert finished(unit_dir(out, 410002, 1))
-    assert _values(again.measurements) == pytest.approx(_values(report.measurements),
-                                                        rel=1e-6, nan_ok=True)
+    _assert_same_metrics(again.measurements, report.measurements)
