@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import Field
-from scipy.ndimage import binary_dilation, label
+from scipy.ndimage import label
 
 from apqa.config import ConfigModel
 
@@ -43,9 +43,52 @@ def psf_peak_contrast(fwhm: float) -> float:
     return float((p0 * p0 - p0 * p1) / (p0 * p0))
 
 
-def _mean4(a: np.ndarray) -> np.ndarray:
-    padded = np.pad(a, 1, mode="edge")
-    return 0.25 * (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:])
+def _excess(work: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray | None = None
+            ) -> np.ndarray:
+    """``work`` minus the mean of its four neighbours (edges repeated): over the whole image,
+    or at the pixels (ys, xs) only."""
+    height, width = work.shape
+    if ys is None or xs is None:
+        out = np.empty_like(work)
+        out[1:-1] = work[:-2] + work[2:]
+        out[0] = work[0] + work[1]
+        out[-1] = work[-2] + work[-1]
+        out[:, 1:-1] += work[:, :-2] + work[:, 2:]
+        out[:, 0] += work[:, 0] + work[:, 1]
+        out[:, -1] += work[:, -2] + work[:, -1]
+        out *= np.float32(-0.25)
+        out += work
+        return out
+    up, down = np.maximum(ys - 1, 0), np.minimum(ys + 1, height - 1)
+    left, right = np.maximum(xs - 1, 0), np.minimum(xs + 1, width - 1)
+    return work[ys, xs] - np.float32(0.25) * (work[up, xs] + work[down, xs] + work[ys, left]
+                                              + work[ys, right])
+
+
+#: Offsets within Manhattan distance 2: the reach of two 4-connected dilations.
+_DIAMOND = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if abs(dy) + abs(dx) <= 2]
+_CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def _neighbours(ys: np.ndarray, xs: np.ndarray, offsets, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Unique in-image pixels at ``offsets`` from the pixels (ys, xs)."""
+    height, width = shape
+    ny = np.concatenate([ys + dy for dy, _ in offsets])
+    nx = np.concatenate([xs + dx for _, dx in offsets])
+    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    flat = np.unique(ny[inside].astype(np.int64) * width + nx[inside])
+    return flat // width, flat % width
+
+
+def _near_excluded(excluded: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """For each pixel: is an excluded pixel within Manhattan distance 2?"""
+    height, width = excluded.shape
+    near = np.zeros(ys.shape, bool)
+    for dy, dx in _DIAMOND:
+        near |= excluded[np.clip(ys + dy, 0, height - 1), np.clip(xs + dx, 0, width - 1)] & (
+            (ys + dy >= 0) & (ys + dy < height) & (xs + dx >= 0) & (xs + dx < width))
+    return near
 
 
 def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.ndarray | float,
@@ -69,40 +112,63 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
     config = config or CosmicRayConfig()
     contrast = psf_peak_contrast(0.85 * psf_fwhm)
     limit = np.float32(min(config.sharpness_factor * contrast, 0.95))
-    noise = np.sqrt(np.clip(variance, 0, None) * np.float32(1.25))
-    signal_floor = np.asarray(background, np.float32)
-    # Pixels next to saturated or bad ones see a filled-in neighbour: never call them CRs.
-    protected = binary_dilation(excluded, iterations=2)
+    floor = np.broadcast_to(np.asarray(background, np.float32), image.shape)
     work = fill_from_neighbours(image, excluded)
+
+    def judged(ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pixels among (ys, xs) sharper than the sharpest PSF peak by a significant
+        margin (noise can sharpen a star), and not next to saturated or bad pixels (those see
+        a filled-in neighbour)."""
+        excess = _excess(work, ys, xs)
+        noise = np.sqrt(np.clip(variance[ys, xs], 0, None) * np.float32(1.25))
+        ok = (excess > config.min_sigma * noise) & (
+            excess > limit * (work[ys, xs] - floor[ys, xs]) + config.margin_sigma * noise)
+        ys, xs = ys[ok], xs[ok]
+        ok = ~_near_excluded(excluded, ys, xs)
+        return ys[ok], xs[ok]
+
+    # The first pass looks at every pixel through a cheap necessary condition (an excess of
+    # min_sigma times the smallest noise); only the few pixels that pass are judged fully.
+    usable_var = np.where(excluded | ~np.isfinite(variance), np.inf, variance)
+    min_noise = float(np.sqrt(max(float(usable_var.min()), 0.0) * 1.25))
+    del usable_var
+    ys, xs = np.nonzero(_excess(work) > config.min_sigma * min_noise)
+    ys, xs = judged(ys, xs)
     crs = np.zeros(image.shape, bool)
-    for _ in range(config.n_iterations):
-        excess = work - _mean4(work)
-        # Sharper than the sharpest PSF peak by a significant margin (noise can sharpen a star).
-        found = (excess > config.min_sigma * noise) & (
-            excess > limit * (work - signal_floor) + config.margin_sigma * noise)
-        found &= ~protected & ~crs
-        if not found.any():
+    for _ in range(config.n_iterations - 1):
+        if ys.size == 0:
             break
-        crs |= found
-        # Fill the pixels found so far, so the next pass sees the rest of each track.
-        fill_from_neighbours(image, crs | excluded, work)
+        crs[ys, xs] = True
+        # Fill the pixels found so far, so the next pass sees the rest of each track; only
+        # the four neighbours of filled pixels change their excess.
+        cy, cx = np.nonzero(crs)
+        fill_from_neighbours(image, crs | excluded, work, cy, cx)
+        ny, nx = _neighbours(cy, cx, _CROSS, image.shape)
+        fresh = ~crs[ny, nx] & ~excluded[ny, nx]
+        ys, xs = judged(ny[fresh], nx[fresh])
+    crs[ys, xs] = True
     if crs.any():
-        near = binary_dilation(crs, iterations=1) & ~crs & ~excluded
-        crs |= near & (image - signal_floor > config.grow_sigma * np.sqrt(variance))
+        # 4-neighbours of cosmic-ray pixels that are clearly above the sky join them.
+        ny, nx = _neighbours(*np.nonzero(crs), _CROSS, image.shape)
+        grow = ~crs[ny, nx] & ~excluded[ny, nx] & (
+            image[ny, nx] - floor[ny, nx] > config.grow_sigma * np.sqrt(variance[ny, nx]))
+        crs[ny[grow], nx[grow]] = True
     return crs
 
 
 def fill_from_neighbours(image: np.ndarray, masked: np.ndarray,
-                         work: np.ndarray | None = None) -> np.ndarray:
+                         work: np.ndarray | None = None, ys: np.ndarray | None = None,
+                         xs: np.ndarray | None = None) -> np.ndarray:
     """Masked pixels replaced by the mean of the unmasked pixels in a 5x5 (then 17x17) box.
 
     Only the masked pixels are visited (gathered windows), so the cost follows their number.
     A cheap fill for detection purposes; :func:`~apqa.pipeline.interpolate.interpolate_masked`
     makes the science-grade interpolation. ``work`` (default: a copy of ``image``) is updated
-    in place and returned.
+    in place and returned. ``ys, xs`` limit the filling to those masked pixels.
     """
     out = image.astype(np.float32, copy=True) if work is None else work
-    ys, xs = np.nonzero(masked)
+    if ys is None or xs is None:
+        ys, xs = np.nonzero(masked)
     height, width = image.shape
     for half in (2, 8):
         if ys.size == 0:
