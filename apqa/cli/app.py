@@ -59,8 +59,19 @@ def fail(message: str) -> typer.Exit:
 
 
 def main() -> None:
-    """Console-script entry point: turns apqa errors into one line and exit code 2."""
-    register_commands()
+    """Console-script entry point: turns apqa errors into one line and exit code 2.
+
+    Only the module of the command asked for is imported (start-up time matters for quick
+    commands such as ``apqa diff``); help and unknown commands load them all.
+    """
+    words = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
+    module = COMMAND_MODULES.get(words[0]) if words else None
+    if module is None:
+        register_commands()
+    else:
+        import importlib
+
+        importlib.import_module(f"apqa.cli.{module}")
     try:
         app()
     except ApqaError as exc:
@@ -72,11 +83,13 @@ def register_commands() -> typer.Typer:
     """Import every command module so that ``app`` is complete (used by tests)."""
     import importlib
 
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES.values():
         importlib.import_module(f"apqa.cli.{name}")
     return app
 
 
 # Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
-COMMAND_MODULES = ("simulate", "inspect", "process", "diff", "run", "db", "metrics", "gate",
-                   "export", "apdb", "inject", "inject_and_run")
+COMMAND_MODULES = {"simulate": "simulate", "inspect": "inspect", "process": "process",
+                   "diff": "diff", "run": "run", "db": "db", "metrics": "metrics",
+                   "gate": "gate", "export": "export", "apdb": "apdb", "inject": "inject",
+                   "inject-and-run": "inject_and_run"}

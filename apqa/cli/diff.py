@@ -51,11 +51,9 @@ def diff(
             raise InputError(f"--algorithm {algorithm!r}: expected 'al' or 'zogy'")
         cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
         start = time.perf_counter()
-        with console.status("reading") as status:
-            sci = Exposure.from_fits(science)
-            tmp = Exposure.from_fits(template)
-            status.update("[bold]characterizing science and template")
-            sci, tmp, sci_sources = prepare_pair(sci, tmp, cfg)
+        with console.status("[bold]reading and characterizing science and template") as status:
+            sci, tmp, sci_sources = prepare_pair(lambda: Exposure.from_fits(science),
+                                                 lambda: Exposure.from_fits(template), cfg)
             status.update(f"[bold]subtracting ({algorithm})")
             result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources)
         result.difference.write_fits(out)

@@ -129,9 +129,12 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
 
     # The first pass looks at every pixel through a cheap necessary condition (an excess of
     # min_sigma times the smallest noise); only the few pixels that pass are judged fully.
-    usable_var = np.where(excluded | ~np.isfinite(variance), np.inf, variance)
-    min_noise = float(np.sqrt(max(float(usable_var.min()), 0.0) * 1.25))
-    del usable_var
+    # Any lower bound of the noise will do; the smallest variance of all pixels is one unless
+    # it is not positive (then look only at the usable pixels).
+    smallest = float(np.min(variance))
+    if not smallest > 0:
+        smallest = float(np.min(variance[~excluded & np.isfinite(variance)], initial=0.0))
+    min_noise = float(np.sqrt(max(smallest, 0.0) * 1.25))
     ys, xs = np.nonzero(_excess(work) > config.min_sigma * min_noise)
     ys, xs = judged(ys, xs)
     crs = np.zeros(image.shape, bool)

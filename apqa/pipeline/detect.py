@@ -16,11 +16,11 @@ import pandas as pd
 import sep
 from pydantic import Field
 from scipy.ndimage import binary_dilation, find_objects, gaussian_filter, label
-from scipy.signal import oaconvolve
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import StageError
+from apqa.pipeline.fftconv import convolve_same
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -159,8 +159,8 @@ def psf_matched_snr(image: np.ndarray, variance: np.ndarray, excluded: np.ndarra
     flipped = kernel[::-1, ::-1]  # correlation = convolution with the flipped kernel
     data = np.where(excluded, 0.0, image).astype(np.float32)
     var = np.where(excluded | ~np.isfinite(variance), 0.0, variance).astype(np.float32)
-    num = oaconvolve(data, flipped, mode="same")
-    den = oaconvolve(var, flipped * flipped, mode="same")
+    (num,) = convolve_same(data, [flipped])
+    (den,) = convolve_same(var, [flipped * flipped])
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(den > 1e-30 * np.nanmax(den), num / np.sqrt(den), 0.0)
     return np.nan_to_num(snr, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

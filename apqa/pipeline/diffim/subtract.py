@@ -7,6 +7,7 @@ or ZOGY and adds the quality numbers every algorithm shares.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -16,12 +17,12 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
+from apqa.errors import InputError
 from apqa.log import get_logger
-from apqa.pipeline.characterize import CharacterizeConfig, characterize
 from apqa.pipeline.diffim.al import AlConfig, DiffimResult, al_subtract
+from apqa.pipeline.diffim.prepare import PrepareConfig, prepare_for_difference
 from apqa.pipeline.diffim.warp import WarpConfig, is_aligned, warp_exposure
 from apqa.pipeline.diffim.zogy import ZogyConfig, zogy_subtract
-from apqa.pipeline.isr import IsrConfig, run_isr
 
 log = get_logger(__name__)
 
@@ -33,12 +34,7 @@ class DiffConfig(ConfigModel):
     al: AlConfig = Field(default_factory=AlConfig)
     zogy: ZogyConfig = Field(default_factory=ZogyConfig)
     warp: WarpConfig = Field(default_factory=WarpConfig)
-    # One pass at S/N 10 without deblending finds what differencing needs (PSF stars with
-    # S/N > 30, kernel candidates with S/N > 10) at a fraction of a full characterization.
-    characterize: CharacterizeConfig = Field(
-        default_factory=lambda: CharacterizeConfig(n_iterations=1, detection_threshold=10.0,
-                                                   deblend_contrast=1.0, detection_binning=2))
-    isr: IsrConfig = Field(default_factory=IsrConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
 
 
 def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
@@ -46,35 +42,59 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) is used as it is; any
-    other image goes through ISR (masks, cosmic rays; no bias or flat) and characterization.
+    other reduced image gets the light preparation of
+    :func:`~apqa.pipeline.diffim.prepare.prepare_for_difference` (sky, saturation, cosmic
+    rays, source footprints, PSF model).
+
+    Raises
+    ------
+    InputError
+        For a raw apqa exposure (it needs bias and flat: ``apqa process`` first).
     """
     config = config or DiffConfig()
-    if str(exposure.metadata.get("OBSTYPE", "")).lower() == "calexp" and exposure.psf:
+    obstype = str(exposure.metadata.get("OBSTYPE", "")).lower()
+    if obstype == "calexp" and exposure.psf:
         return exposure, None
-    isr = run_isr(exposure, config=config.isr)
-    result = characterize(isr.exposure, config.characterize)
-    return result.exposure, result.sources[["x", "y", "snr"]]
+    if obstype == "raw":
+        raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
+                         "(it needs a bias and a flat)")
+    prepared = prepare_for_difference(exposure, config.prepare)
+    return prepared.exposure, prepared.sources[["x", "y", "snr"]]
 
 
 def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) -> float:
-    """Robust std of D / sqrt(var) over pixels no source touches (DETECTED in neither)."""
-    planes = ["DETECTED", "NO_DATA", "SAT", "BAD", "CR", "INTRP"]
-    busy = science.mask.is_set(planes) | template.mask.is_set(planes)
-    busy |= difference.mask.is_set(["NO_DATA", "SAT", "BAD"])
-    good = ~busy & np.isfinite(difference.variance) & (difference.variance > 0)
+    """Robust std of D / sqrt(var) over pixels no source touches (DETECTED in neither).
+
+    Every 4th pixel in each direction: a million pixels pin the ratio to 0.1%.
+    """
+    planes = ["DETECTED", "NO_DATA", "SAT", "BAD", "CR", "INTRP", "EDGE"]
+    step = (slice(None, None, 4), slice(None, None, 4))
+    busy = ((science.mask.array[step] | template.mask.array[step] | difference.mask.array[step])
+            & difference.mask.bitmask(planes)) != 0
+    variance = difference.variance[step]
+    good = ~busy & np.isfinite(variance) & (variance > 0)
     if good.sum() < 100:
         return float("nan")
-    z = difference.image[good] / np.sqrt(difference.variance[good])
+    z = difference.image[step][good] / np.sqrt(variance[good])
     return float(1.4826 * np.median(np.abs(z - np.median(z))))
 
 
-def prepare_pair(science: Exposure, template: Exposure, config: DiffConfig | None = None
+def prepare_pair(science: Exposure | Callable[[], Exposure],
+                 template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None
                  ) -> tuple[Exposure, Exposure, pd.DataFrame | None]:
     """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
-    and sep calls release the GIL), returning the science sources too."""
+    and FFT calls release the GIL), returning the science sources too.
+
+    Each image may be given as a loader (e.g. ``lambda: Exposure.from_fits(path)``), which
+    then runs in the image's thread, so that reading overlaps too.
+    """
+    def load_and_prepare(image: Exposure | Callable[[], Exposure]
+                         ) -> tuple[Exposure, pd.DataFrame | None]:
+        return prepare_exposure(image if isinstance(image, Exposure) else image(), config)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        sci_future = pool.submit(prepare_exposure, science, config)
-        tpl_future = pool.submit(prepare_exposure, template, config)
+        sci_future = pool.submit(load_and_prepare, science)
+        tpl_future = pool.submit(load_and_prepare, template)
         (sci, sources), (tpl, _) = sci_future.result(), tpl_future.result()
     return sci, tpl, sources
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import signal
 from scipy.spatial import cKDTree
 
 from apqa.datamodel import Exposure
+from apqa.pipeline.fftconv import convolve_full
 
 
 def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm: float,
@@ -62,10 +62,10 @@ def _cross_kernels(psf_science: np.ndarray, psf_template: np.ndarray
     where the outer frame holds less than 1e-6 of the kernel's absolute sum, and put on the
     same odd size.
     """
-    q = signal.fftconvolve(psf_science, psf_template)
+    q = convolve_full(psf_science, psf_template)
     flipped = q[::-1, ::-1]
-    k_n = signal.fftconvolve(psf_template, flipped)
-    k_r = signal.fftconvolve(psf_science, flipped)
+    k_n = convolve_full(psf_template, flipped)
+    k_r = convolve_full(psf_science, flipped)
     size = max(k_n.shape[0], k_r.shape[0])
     k_n, k_r = (np.pad(k, (size - k.shape[0]) // 2) for k in (k_n, k_r))
     half = size // 2

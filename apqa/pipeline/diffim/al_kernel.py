@@ -1,0 +1,226 @@
+"""The Alard-Lupton matching kernel: basis, kernel stars and the least-squares fit.
+
+The kernel is a sum of Gaussian x polynomial basis functions (Alard & Lupton 1998) whose
+coefficients vary linearly over the image; the first basis function carries the kernel sum (the
+photometric ratio) and is kept spatially constant, the others are made to sum to zero. A
+polynomial differential background is fitted with it. Kernel stars are clean, unsaturated
+sources spread over a grid of cells; stamps that fit badly are clipped.
+
+The fit never builds the full design matrix (stamps x parameters x pixels): every column is a
+basis image convolved with the stamp, times a spatial term that is constant over the stamp, so
+the normal equations follow from each stamp's small Gram matrix of its convolved basis images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.fft as sfft
+
+from apqa.datamodel import Exposure
+from apqa.errors import StageError
+
+_STAMP_FLAGS = ("SAT", "BAD", "CR", "NO_DATA", "INTRP", "EDGE")
+
+
+@dataclass
+class MatchingKernel:
+    """A fitted spatially varying kernel ``K(u, v) = K0 + u K1 + v K2`` and background.
+
+    ``u, v`` run from -1 to 1 across the image (centre 0). ``kernels`` holds K0 (and K1, K2
+    when the kernel varies); ``background`` the coefficients of 1, u, v, u^2, uv, v^2 (as
+    many as fitted).
+    """
+
+    kernels: list[np.ndarray]
+    background: np.ndarray
+    ix: np.ndarray  # kernel-star pixel positions (all candidates fitted)
+    iy: np.ndarray
+    used: np.ndarray  # which of them survived the clipping
+    condition: float  # condition number of the normal equations
+
+    @property
+    def ksum(self) -> float:
+        return float(self.kernels[0].sum())
+
+    @property
+    def size(self) -> int:
+        return int(self.kernels[0].shape[0])
+
+    def at(self, u: float, v: float) -> np.ndarray:
+        """The kernel image at image coordinates (u, v) in [-1, 1]."""
+        if len(self.kernels) == 1:
+            return self.kernels[0]
+        return self.kernels[0] + u * self.kernels[1] + v * self.kernels[2]
+
+    def corner_sums(self) -> list[float]:
+        """Kernel sums at the four image corners (only the centre's when constant)."""
+        if len(self.kernels) == 1:
+            return [self.ksum]
+        return [self.ksum + su * float(self.kernels[1].sum()) + sv * float(self.kernels[2].sum())
+                for su in (-1, 1) for sv in (-1, 1)]
+
+
+def gaussian_poly_basis(sigmas: list[float], degrees: tuple[int, ...], half: int) -> np.ndarray:
+    """Alard-Lupton basis: x^i y^j exp(-r^2 / 2 sigma^2), orthogonalized for a fixed sum.
+
+    Returns (n, k, k): element 0 sums to 1, all others sum to 0.
+    """
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    raw = []
+    for sigma, degree in zip(sigmas, degrees, strict=True):
+        g = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+        for d in range(degree + 1):
+            for j in range(d + 1):
+                raw.append(g * (xx / sigma) ** (d - j) * (yy / sigma) ** j)
+    basis = [raw[0] / raw[0].sum()]
+    for b in raw[1:]:
+        total = b.sum()
+        b = b / np.abs(b).max()
+        if abs(total) > 1e-12 * np.abs(b).sum():
+            b = b / total - basis[0]  # sum 0: changes shape, never the photometric ratio
+            b = b / np.abs(b).max()
+        basis.append(b)
+    return np.stack(basis)
+
+
+def spatial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
+    """Polynomial terms (1; u, v; u^2, uv, v^2) up to ``order``, stacked on the last axis."""
+    terms = [np.ones_like(u)]
+    if order >= 1:
+        terms += [u, v]
+    if order >= 2:
+        terms += [u * u, u * v, v * v]
+    return np.stack(terms, axis=-1)
+
+
+def stamps(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    """(n, 2 half + 1, 2 half + 1) boxes of ``image`` centred on the pixels (ix, iy)."""
+    off = np.arange(-half, half + 1)
+    return image[iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]]
+
+
+def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposure,
+                      stamp_half: int, min_snr: float, max_snr: float, cell_size: int,
+                      per_cell: int, max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clean candidates spread over the image: up to ``per_cell`` per grid cell, brightest
+    first, none whose stamp touches a flagged pixel in either image."""
+    snr = candidates["snr"].to_numpy(float)
+    x, y = candidates["x"].to_numpy(float), candidates["y"].to_numpy(float)
+    margin = stamp_half + 2
+    ok = ((snr >= min_snr) & (snr < max_snr) & (x > margin) & (y > margin)
+          & (x < target.width - 1 - margin) & (y < target.height - 1 - margin))
+    ix, iy = np.rint(np.where(ok, x, margin)).astype(int), np.rint(np.where(ok, y, margin)
+                                                                  ).astype(int)
+    idx = np.nonzero(ok)[0]
+    cell = (iy // cell_size) * 100_000 + ix // cell_size
+
+    def top_per_cell(idx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``count`` brightest of each cell and their rank within it."""
+        order = np.lexsort((-snr[idx], cell[idx]))
+        sorted_cells = cell[idx][order]
+        starts = np.r_[0, np.nonzero(np.diff(sorted_cells))[0] + 1]
+        rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
+        return idx[order][rank < count], rank[rank < count]
+
+    # Only the stamps of the few brightest per cell are looked at, never the full masks.
+    idx, _ = top_per_cell(idx, 3 * per_cell)
+    for exposure in (target, other):
+        bits = exposure.mask.bitmask([p for p in _STAMP_FLAGS if p in exposure.mask.planes])
+        clean = ~((stamps(exposure.mask.array, ix[idx], iy[idx], stamp_half) & bits) != 0).any(
+            axis=(1, 2))
+        idx = idx[clean]
+    keep, rank = top_per_cell(idx, per_cell)
+    if keep.size > max_candidates:
+        # Spread the cap over the image: the brightest of each cell first, then the next ones.
+        keep = keep[np.argsort(rank, kind="stable")[:max_candidates]]
+    return ix[keep], iy[keep]
+
+
+def _convolve_stamps(ref: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """'valid' convolution of each reference stamp (n, m + 2h, m + 2h) with each basis kernel
+    (b, 2h + 1, 2h + 1): returns (n, b, m, m)."""
+    _n, big, _ = ref.shape
+    _nb, k, _ = basis.shape
+    size = sfft.next_fast_len(big + k - 1, real=True)
+    fr = sfft.rfft2(ref, s=(size, size), workers=-1)
+    fb = sfft.rfft2(basis, s=(size, size), workers=-1)
+    out = sfft.irfft2(fr[:, None] * fb[None], s=(size, size), workers=-1)
+    m = big - k + 1
+    return out[..., k - 1:k - 1 + m, k - 1:k - 1 + m]
+
+
+def fit_kernel(target: Exposure, ref: Exposure, ix: np.ndarray, iy: np.ndarray,
+               basis: np.ndarray, stamp_half: int, spatial_order: int, background_order: int,
+               clip_sigma: float, n_clip: int, min_candidates: int) -> MatchingKernel:
+    """Least-squares kernel and background that turn ``ref`` into ``target`` at the stars.
+
+    Solves ``target = K(u, v) * ref + B(u, v)`` over the stamps around (ix, iy), weighted by
+    the inverse summed variance, clipping stamps whose chi^2 is an outlier.
+
+    Raises
+    ------
+    StageError
+        When the clipping leaves fewer than ``min_candidates`` stamps.
+    """
+    half = basis.shape[1] // 2
+    height, width = target.shape
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    data = stamps(target.image, ix, iy, stamp_half).astype(np.float64)
+    var = (stamps(target.variance, ix, iy, stamp_half).astype(np.float64)
+           + stamps(ref.variance, ix, iy, stamp_half))
+    conv = _convolve_stamps(stamps(ref.image, ix, iy, stamp_half + half).astype(np.float64),
+                            basis)  # (n, nb, m, m)
+    n, nb, m, _ = conv.shape
+    weight = (1.0 / np.clip(var, 1e-12, None)).reshape(n, m * m)
+    # Each stamp's local basis: the convolved basis images and a constant (the background).
+    local = np.concatenate([conv.reshape(n, nb, m * m), np.ones((n, 1, m * m))], axis=1)
+    gram = (local * weight[:, None, :]) @ local.transpose(0, 2, 1)  # (n, nb+1, nb+1)
+    dvec = data.reshape(n, m * m)
+    rhs_local = np.einsum("nap,np,np->na", local, weight, dvec)
+    dwd = np.einsum("np,np,np->n", dvec, weight, dvec)
+    u = (ix - cx) / (width / 2)
+    v = (iy - cy) / (height / 2)
+    kterms = spatial_terms(u, v, spatial_order)  # (n, s)
+    bterms = spatial_terms(u, v, background_order)  # (n, q)
+    ns, nq = kterms.shape[1], bterms.shape[1]
+    # Global parameter j = local column lidx[j] times the spatial multiplier factor[:, j]:
+    # basis 0 (constant), basis 1.. x spatial terms, background x its terms.
+    lidx = np.r_[0, np.repeat(np.arange(1, nb), ns), np.full(nq, nb)]
+    factor = np.concatenate([np.ones((n, 1)), np.tile(kterms, (1, nb - 1)), bterms], axis=1)
+    gram_g = gram[:, lidx][:, :, lidx]  # (n, p, p)
+    used = np.ones(n, bool)
+    for _ in range(n_clip + 1):
+        f = factor[used]
+        normal = np.einsum("nj,nk,njk->jk", f, f, gram_g[used])
+        rhs = np.einsum("nj,nj->j", f, rhs_local[used][:, lidx])
+        coeffs = np.linalg.solve(normal, rhs)
+        # Per-stamp local coefficients, then chi^2 = d'Wd - 2 c'r + c'Gc.
+        local_c = np.zeros((n, nb + 1))
+        np.add.at(local_c.T, lidx, (factor * coeffs).T)
+        chi2 = (dwd - 2 * np.einsum("na,na->n", local_c, rhs_local)
+                + np.einsum("na,nab,nb->n", local_c, gram, local_c)) / (m * m)
+        med = np.median(chi2[used])
+        mad = 1.4826 * np.median(np.abs(chi2[used] - med))
+        new = chi2 < med + clip_sigma * max(mad, 0.05 * med)
+        if np.array_equal(new, used) or new.sum() < min_candidates:
+            break
+        used = new
+    condition = float(np.linalg.cond(normal))
+    c0 = coeffs[0]
+    ck = coeffs[1:1 + (nb - 1) * ns].reshape(nb - 1, ns)
+    kernels = [c0 * basis[0] + np.tensordot(ck[:, 0], basis[1:], axes=1)]
+    for s in range(1, ns):
+        kernels.append(np.tensordot(ck[:, s], basis[1:], axes=1))
+    return MatchingKernel(kernels, coeffs[1 + (nb - 1) * ns:], ix, iy, used, condition)
+
+
+def require_candidates(n_found: int, min_candidates: int, min_snr: float,
+                       max_snr: float) -> None:
+    """Raise the typed error for too few kernel stars, naming the count found."""
+    if n_found < min_candidates:
+        raise StageError(f"AL: too few kernel candidates: found {n_found} clean stars with "
+                         f"S/N {min_snr:g}-{max_snr:g}, need {min_candidates}")
