@@ -183,15 +183,21 @@ def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndar
 
 
 def _centred_kernel_ft(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rfft2 over ``shape`` of ``kernel`` with its centre at pixel (0, 0) (wrapped)."""
+    """rfft2 over ``shape`` of ``kernel`` with its centre at pixel (0, 0) (wrapped).
+
+    Only the kernel's rows are non-zero: they are transformed along x alone, then one complex
+    FFT along y finishes the job (about half of a full 2-d transform of the padded array).
+    """
     half = kernel.shape[0] // 2
-    padded = np.zeros(shape, np.float32)
+    rows = np.zeros((kernel.shape[0], shape[1]), np.float32)
     k = kernel.astype(np.float32)
-    padded[:half + 1, :half + 1] = k[half:, half:]
-    padded[:half + 1, -half:] = k[half:, :half]
-    padded[-half:, :half + 1] = k[:half, half:]
-    padded[-half:, -half:] = k[:half, :half]
-    return sfft.rfft2(padded, workers=-1)
+    rows[:, :half + 1] = k[:, half:]
+    rows[:, -half:] = k[:, :half]
+    along_x = sfft.rfft(rows, axis=1)
+    padded = np.zeros((shape[0], along_x.shape[1]), np.complex64)
+    padded[:half + 1] = along_x[half:]
+    padded[-half:] = along_x[:half]
+    return sfft.fft(padded, axis=0, overwrite_x=True, workers=-1)
 
 
 def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKernel,
@@ -213,8 +219,11 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     phi = None
     if decorrelate:
         ksum = kernel.ksum
-        phi = np.sqrt((u_var + c_var * ksum**2)
-                      / (u_var + c_var * (fk0.real**2 + fk0.imag**2))).astype(np.float32)
+        power = np.abs(fk0)
+        power *= power
+        power *= np.float32(c_var)
+        power += np.float32(u_var)
+        phi = np.sqrt(np.float32(u_var + c_var * ksum**2) / power)
     acc = sfft.rfft2(target, s=shape, workers=-1)
     fk0 *= fr
     acc -= fk0
