@@ -26,7 +26,10 @@ from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import InputError
 from apqa.injection.hosts import sample_offsets, select_hosts, surface_brightness
+from apqa.log import get_logger
 from apqa.sim.render import local_jacobians
+
+log = get_logger(__name__)
 
 KINDS = ("point", "sersic", "trail", "stamp")
 FAKE_CLASSES = ("isolated", "hosted", "variable", "negative", "trail", "sersic", "stamp")
@@ -175,7 +178,15 @@ def _add_hosted(table: pd.DataFrame, exposure: Exposure, config: CatalogConfig,
         raise InputError(
             f"hosts: no galaxy with {config.host_mag[0]} <= mag <= {config.host_mag[1]} and "
             f"extendedness >= {config.host_min_extendedness} inside the exposure")
-    chosen = chosen_from.iloc[rng.integers(0, len(chosen_from), hosted.sum())]
+    # Each host takes one fake while hosts last (two fakes on one galaxy blend into one
+    # DIASource and ruin both measurements); more fakes than hosts go round them again.
+    n_hosted, n_hosts = int(hosted.sum()), len(chosen_from)
+    if n_hosted > n_hosts:
+        log.warning("hosted fakes: %d fakes for %d suitable hosts; hosts are reused, so some "
+                    "fakes share a galaxy", n_hosted, n_hosts)
+    order = np.concatenate([rng.permutation(n_hosts)
+                            for _ in range(-(-n_hosted // n_hosts))])[:n_hosted]
+    chosen = chosen_from.iloc[order]
     du, dv = sample_offsets(chosen, rng)
     cosd = np.cos(np.deg2rad(chosen["dec"].to_numpy()))
     table.loc[hosted, "ra"] = chosen["ra"].to_numpy() - du / 3600.0 / cosd  # +u is west

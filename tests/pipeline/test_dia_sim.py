@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+from apqa.metrics.completeness import fit_logistic
 from apqa.pipeline.runner import RunConfig, run_pair
 from apqa.pipeline.single_visit import process_exposure
 from apqa.sim import SimulationConfig, SurveySimulator
@@ -100,32 +101,79 @@ def test_completeness_and_snr50(dense):
     assert snr50 <= 5.5, (snr50, fractions)
 
 
-def test_psf_flux_bias_and_pulls(dense):
+def test_dense_field_photometry_stays_close(dense):
+    """A stress test, not the target: with 60,000 transients per deg^2 (400 times the survey's
+    rate), 85% of the science image's PSF stars are transients, half of them on host galaxies,
+    and the PSF model's wings pick up their hosts' light; PSF fluxes come out ~2% high. The
+    issue's numbers are measured on a realistic field below."""
     sci_truth, tpl_truth, result = dense
     shape = result.diffim.difference.shape
-    x, y, delta, hosted = _changes(sci_truth, tpl_truth, shape)
+    x, y, delta, _ = _changes(sci_truth, tpl_truth, shape)
     snr = _true_snr(result, x, y, delta)
     found, idx = _match(result, x, y)
-    dia = result.dia_sources
-    flux = dia["psfFlux"].to_numpy(np.float64)[idx]
-    err = dia["psfFluxErr"].to_numpy(np.float64)[idx]
+    flux = result.dia_sources["psfFlux"].to_numpy(np.float64)[idx]
     high = found & (snr > 20)
-    # Known shortfall (issue 5 notes): the target is 0.5%. In this dense field the science
-    # calexp's own PSF photometry of stars is +1.0% off the truth (calibration), and hosts
-    # leave ~+0.8% of their flux under AL; measured here: isolated +1.9%, hosted +2.5%.
-    # These bounds catch a regression until that is fixed.
-    bias_isolated = np.median(flux[high & ~hosted] / delta[high & ~hosted] - 1)
-    assert abs(bias_isolated) <= 0.025, bias_isolated
-    bias_hosted = np.median(flux[high & hosted] / delta[high & hosted] - 1)
-    assert abs(bias_hosted) <= 0.035, bias_hosted
-    # Pulls where noise dominates the ~2% flux-scale error above (at S/N 100 it alone would
-    # be a 2-sigma offset); the shortfall is named in the issue notes.
+    assert abs(np.median(flux[high] / delta[high] - 1)) <= 0.03
+
+
+@pytest.fixture(scope="module")
+def injected():
+    """A realistic hits-sim field (its own transients and variable stars) with fakes drawn
+    into the calibrated science image, as Rubin measures psfFlux: 1,400 isolated point
+    sources and one on each of up to 110 host galaxies, 20-24.5 mag."""
+    from apqa.injection.catalog import CatalogConfig, generate_catalog
+    from apqa.injection.draw import inject
+    from apqa.injection.hosts import select_hosts
+    from apqa.injection.match import match_fakes, merge_injected
+
+    sim = SurveySimulator(SimulationConfig(dataset="hits-sim", n_visits=1, seed=41))
+    bias, flat = sim.calib_exposures(1)
+    defects = sim.calibration(1).defects
+    out = {}
+    for plan in sim.plans:
+        single = process_exposure(sim.exposure(plan.visit, 1).raw, bias, flat, defects,
+                                  sim.refcat)
+        out["template" if plan.is_template else "science"] = single
+    science, template = out["science"], out["template"]
+    n_hosts = len(select_hosts(science.sources, science.calexp, (17.0, 23.0), 0.5, 20.0))
+    n_hosted = min(110, n_hosts)  # one fake per host: two on one galaxy would blend
+    catalog = generate_catalog(science.calexp, CatalogConfig(
+        n=1400 + n_hosted, mix={"isolated": 1400, "hosted": n_hosted},
+        mag_range=(20.0, 24.5)), hosts=science.sources, seed=41)
+    sci, drawn = inject(science.calexp, catalog, seed=41, visit=1, detector=1)
+    tpl, drawn_tpl = inject(template.calexp, catalog, seed=41, visit=1, detector=1,
+                            target="template")
+    pair = run_pair(sci, tpl, RunConfig())
+    table = match_fakes(merge_injected(drawn, drawn_tpl), pair.dia_sources,
+                        pair.diffim.difference, visit=1, detector=1).table
+    return table[table["injection_flag"] == 0]
+
+
+def test_fake_completeness_bias_and_pulls(injected):
+    found = injected["matched"].to_numpy(bool)
+    snr = injected["truth_snr"].to_numpy(float)
+    truth = injected["truth_flux"].to_numpy(float)
+    flux = injected["psfFlux"].to_numpy(float)
+    err = injected["psfFluxErr"].to_numpy(float)
+    hosted = (injected["fake_class"] == "hosted").to_numpy()
+    assert (snr >= 10).sum() > 500 and hosted.sum() >= 50
+    assert found[snr >= 10].mean() >= 0.98
+    # S/N at 50% completeness from the logistic fit the metrics layer uses.
+    curve = fit_logistic(snr, found, n_boot=100)
+    assert curve is not None and curve.x50 <= 5.5, curve
+    # psfFlux median bias at S/N > 20: all fakes (the issue's number), and the hosted ones
+    # alone within three standard errors of their median.
+    high = found & (snr > 20)
+    ratio = flux / truth - 1
+    assert abs(np.median(ratio[high])) <= 0.005, np.median(ratio[high])
+    on_host = high & hosted
+    stderr = 1.2533 * np.std(ratio[on_host]) / np.sqrt(on_host.sum())
+    assert abs(np.median(ratio[on_host])) <= 3 * stderr, (np.median(ratio[on_host]), stderr)
+    # Pulls where noise dominates; a robust std from ~600 fakes is good to ~0.03.
     ok = found & (snr > 5) & (snr < 25)
-    pull = (flux[ok] - delta[ok]) / err[ok]
+    pull = (flux[ok] - truth[ok]) / err[ok]
     robust_std = 1.4826 * np.median(np.abs(pull - np.median(pull)))
-    # Target [0.95, 1.05]; measured 1.10 on this field (shortfall named in the issue notes;
-    # 0.99-1.02 on synthetic pairs, see test_dia_measure.py).
-    assert 0.95 <= robust_std <= 1.15, robust_std
+    assert ok.sum() > 400 and 0.95 <= robust_std <= 1.05, (ok.sum(), robust_std)
 
 
 def test_table_is_apdb_diasource(dense):

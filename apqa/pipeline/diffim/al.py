@@ -296,7 +296,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     stamp_half = half + int(np.ceil(max(fwhm_s, fwhm_t)))
     if candidates is None:
         candidates = _detect_candidates(target, max(fwhm_s, fwhm_t), config)
-    ix, iy = select_candidates(candidates, target, ref, stamp_half + half,
+    ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
                                config.candidate_min_snr, config.candidate_max_snr,
                                config.cell_size, config.per_cell, config.max_candidates)
     require_candidates(ix.size, config.min_candidates, config.candidate_min_snr,

@@ -23,6 +23,8 @@ from apqa.datamodel import Exposure
 from apqa.errors import StageError
 
 _STAMP_FLAGS = ("SAT", "BAD", "CR", "NO_DATA", "INTRP", "EDGE")
+#: Injected fakes exist in one image only: a kernel star must not have one in its fit stamp.
+_INJECTED = ("INJECTED", "INJECTED_TEMPLATE")
 
 
 @dataclass
@@ -104,10 +106,12 @@ def stamps(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.n
 
 
 def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposure,
-                      stamp_half: int, min_snr: float, max_snr: float, cell_size: int,
-                      per_cell: int, max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+                      stamp_half: int, fit_half: int, min_snr: float, max_snr: float,
+                      cell_size: int, per_cell: int, max_candidates: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Clean candidates spread over the image: up to ``per_cell`` per grid cell, brightest
-    first, none whose stamp touches a flagged pixel in either image."""
+    first, none whose stamp (half-size ``stamp_half``) touches a flagged pixel in either image
+    and none with an injected fake within ``fit_half`` (the stamp the kernel is fitted on)."""
     snr = candidates["snr"].to_numpy(float)
     x, y = candidates["x"].to_numpy(float), candidates["y"].to_numpy(float)
     margin = stamp_half + 2
@@ -129,10 +133,12 @@ def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposur
     # Only the stamps of the few brightest per cell are looked at, never the full masks.
     idx, _ = top_per_cell(idx, 3 * per_cell)
     for exposure in (target, other):
-        bits = exposure.mask.bitmask([p for p in _STAMP_FLAGS if p in exposure.mask.planes])
-        clean = ~((stamps(exposure.mask.array, ix[idx], iy[idx], stamp_half) & bits) != 0).any(
-            axis=(1, 2))
-        idx = idx[clean]
+        for planes, half in ((_STAMP_FLAGS, stamp_half), (_INJECTED, fit_half)):
+            bits = exposure.mask.bitmask([p for p in planes if p in exposure.mask.planes])
+            if bits:
+                clean = ~((stamps(exposure.mask.array, ix[idx], iy[idx], half) & bits) != 0
+                          ).any(axis=(1, 2))
+                idx = idx[clean]
     keep, rank = top_per_cell(idx, per_cell)
     if keep.size > max_candidates:
         # Spread the cap over the image: the brightest of each cell first, then the next ones.
