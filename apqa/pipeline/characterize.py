@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import binary_dilation
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
@@ -19,6 +18,7 @@ from apqa.log import get_logger
 from apqa.pipeline.detect import detect_sources, windowed_moments
 from apqa.pipeline.isr import estimate_fwhm
 from apqa.pipeline.photometry import aperture_correction, aperture_flux, psf_flux
+from apqa.pipeline.pixels import any_in_box, bin_sum, grow_square, upsample
 from apqa.pipeline.psf_model import (
     PsfModelConfig,
     fit_psf,
@@ -45,6 +45,8 @@ class CharacterizeConfig(ConfigModel):
         1, ge=1, le=4, description="detect on pixels binned this many times per axis: enough "
                                    "for bright stars (PSF and kernel candidates) at a "
                                    "fraction of the cost; centroids and fluxes stay full-res")
+    early_pass_binning: int = Field(
+        2, ge=1, le=4, description="binning of the detection passes before the last")
     calibration_aperture_fwhm: float = Field(
         3.5, gt=0, description="aperture radius (FWHM) that PSF fluxes are corrected to")
     psf: PsfModelConfig = Field(default_factory=PsfModelConfig)
@@ -67,21 +69,6 @@ def _background(image: np.ndarray, masked: np.ndarray,
                           fw=config.background_filter, fh=config.background_filter)
 
 
-def _any_in_box(flags: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
-    """For each (ix, iy): is any flag set within the (2 half + 1)^2 box? (summed-area table)."""
-    table = np.pad(flags.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    height, width = flags.shape
-    y0, y1 = np.clip(iy - half, 0, height), np.clip(iy + half + 1, 0, height)
-    x0, x1 = np.clip(ix - half, 0, width), np.clip(ix + half + 1, 0, width)
-    return (table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]) > 0
-
-
-def _bin(array: np.ndarray, factor: int, how: str) -> np.ndarray:
-    height, width = (s // factor * factor for s in array.shape)
-    blocks = array[:height, :width].reshape(height // factor, factor, width // factor, factor)
-    return blocks.any(axis=(1, 3)) if how == "any" else blocks.sum(axis=(1, 3))
-
-
 def _detect(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, fwhm: float,
             config: CharacterizeConfig) -> tuple[pd.DataFrame, np.ndarray]:
     """Matched-filter detection, on ``detection_binning``-binned pixels when asked (positions
@@ -91,17 +78,14 @@ def _detect(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, fwhm: f
         return detect_sources(image, variance, masked, fwhm, config.detection_threshold,
                               config.min_area, config.deblend_contrast)
     found, segmap = detect_sources(
-        _bin(np.where(masked, 0, image), factor, "sum"),
-        _bin(np.where(masked, 0, variance), factor, "sum"), _bin(masked, factor, "any"),
+        bin_sum(np.where(masked, np.float32(0), image), factor),
+        bin_sum(np.where(masked, np.float32(0), variance), factor), bin_sum(masked, factor) > 0,
         fwhm / factor, config.detection_threshold,
         max(1, config.min_area // factor**2), config.deblend_contrast)
     # Binned pixel i covers full pixels factor*i .. factor*i + factor - 1.
     found["x"] = factor * found["x"] + (factor - 1) / 2
     found["y"] = factor * found["y"] + (factor - 1) / 2
-    full = np.zeros(image.shape, segmap.dtype)
-    up = np.repeat(np.repeat(segmap, factor, axis=0), factor, axis=1)
-    full[:up.shape[0], :up.shape[1]] = up
-    return found, full
+    return found, upsample(segmap, factor, image.shape)
 
 
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
@@ -124,9 +108,7 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarr
     snr = ap / np.where(ap_err > 0, ap_err, np.inf)
     ixx, iyy, ixy = windowed_moments(data, x, y, sigma)
     # Any saturated, bad, cosmic-ray or interpolated pixel within 2 FWHM flags the source.
-    ix = np.clip(np.rint(x).astype(int), 0, image.shape[1] - 1)
-    iy = np.clip(np.rint(y).astype(int), 0, image.shape[0] - 1)
-    near_flag = _any_in_box(flagged, ix, iy, max(1, int(2 * fwhm)))
+    near_flag = any_in_box(flagged, x, y, max(1, int(2 * fwhm)))
     position_err = sigma / np.clip(snr, 1e-3, None)
     catalog = pd.DataFrame({
         "x": x, "y": y, "xErr": position_err, "yErr": position_err,
@@ -170,14 +152,17 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         sub = image - background
         # Early passes only feed PSF-star selection (S/N > 30) and the background's source
         # mask: a higher threshold there saves the deblending of faint sources in crowded
-        # fields; the last pass detects down to the configured threshold.
+        # fields, and binned pixels find those bright sources at a quarter of the cost; the
+        # last pass detects down to the configured threshold.
         last = iteration == config.n_iterations - 1
         pass_config = config if last else config.model_copy(
             update={"detection_threshold": max(config.detection_threshold, 10.0),
-                    "deblend_contrast": 1.0})  # 1.0 switches deblending off
+                    "deblend_contrast": 1.0,  # 1.0 switches deblending off
+                    "detection_binning": max(config.detection_binning,
+                                             config.early_pass_binning)})
         sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, pass_config)
         grow = max(1, round(config.mask_grow_fwhm * fwhm))
-        source_mask = binary_dilation(segmap > 0, iterations=grow)
+        source_mask = grow_square(segmap > 0, grow)
         candidates = select_psf_candidates(sources, fwhm, config.psf)
         if len(candidates) < 2 * config.psf.min_stars:
             # Small images and sparse fields: accept fainter, less isolated stars.

@@ -113,7 +113,8 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
     contrast = psf_peak_contrast(0.85 * psf_fwhm)
     limit = np.float32(min(config.sharpness_factor * contrast, 0.95))
     floor = np.broadcast_to(np.asarray(background, np.float32), image.shape)
-    work = fill_from_neighbours(image, excluded)
+    # Excluded pixels need no filling: their neighbours are never judged (too close to them).
+    work = image.astype(np.float32, copy=True)
 
     def judged(ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pixels among (ys, xs) sharper than the sharpest PSF peak by a significant

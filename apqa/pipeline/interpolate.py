@@ -6,15 +6,17 @@ import numpy as np
 
 
 def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float = 1.5,
-                       max_half: int = 64) -> np.ndarray:
+                       max_half: int = 64, targets: np.ndarray | None = None) -> np.ndarray:
     """Replace ``masked`` pixels by a Gaussian-weighted mean of the unmasked pixels around them.
 
     Only masked pixels are visited: each gathers a window of its neighbours (half-size ~2 sigma)
     and pixels whose window holds no good pixel try again with a window twice as large, up to
-    ``max_half``. Returns a new float32 array; unmasked pixels are unchanged.
+    ``max_half``. ``targets`` (a subset of ``masked``) limits the filling to those pixels, e.g.
+    cosmic rays but not a large region without data. Returns a new float32 array; other pixels
+    are unchanged.
     """
     out = image.astype(np.float32, copy=True)
-    ys, xs = np.nonzero(masked)
+    ys, xs = np.nonzero(masked if targets is None else targets & masked)
     height, width = image.shape
     half = max(1, int(np.ceil(2 * sigma)))
     while ys.size and half <= max_half:

@@ -170,11 +170,12 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
         mask.set("CR", crs)
     if config.interpolate:
         fill = bad | saturated | crs
-        image = interpolate_masked(image, fill | no_data, config.interpolation_sigma)
+        image = interpolate_masked(image, fill | no_data, config.interpolation_sigma,
+                                   targets=fill)
         mask.set("INTRP", fill)
         # Interpolated pixels carry the noise of their neighbours, not their own.
-        variance = np.where(fill, interpolate_masked(variance, fill | no_data,
-                                                     config.interpolation_sigma), variance)
+        variance = interpolate_masked(variance, fill | no_data, config.interpolation_sigma,
+                                      targets=fill)
     variance[no_data] = np.inf
     image[no_data] = 0.0
 

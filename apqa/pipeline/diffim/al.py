@@ -17,12 +17,10 @@ import pandas as pd
 import scipy.fft as sfft
 import sep
 from pydantic import Field
-from scipy.ndimage import maximum_filter1d
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, GridPsf, Mask, PolynomialPsf, Psf
 from apqa.errors import StageError
-from apqa.pipeline.detect import detect_sources
 from apqa.pipeline.diffim.al_kernel import (
     MatchingKernel,
     fit_kernel,
@@ -31,7 +29,9 @@ from apqa.pipeline.diffim.al_kernel import (
     select_candidates,
     stamps,
 )
+from apqa.pipeline.diffim.prepare import find_bright_sources
 from apqa.pipeline.fftconv import convolve_full, convolve_same
+from apqa.pipeline.pixels import grow_square
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -84,12 +84,9 @@ def _background_image(uu: np.ndarray, vv: np.ndarray, order: int,
     return out
 
 
-def _detect_candidates(target: Exposure, fwhm: float, config: AlConfig) -> pd.DataFrame:
-    """Sources of the target image above the candidate S/N (x, y, snr)."""
-    masked = target.mask.is_set(["NO_DATA", "BAD", "SAT"])
-    found, _ = detect_sources(target.image, target.variance, masked, fwhm,
-                              threshold=config.candidate_min_snr)
-    return pd.DataFrame({"x": found["x"], "y": found["y"], "snr": found["peak_snr"]})
+def _detect_candidates(target: Exposure) -> pd.DataFrame:
+    """Sources of the target image (x, y, snr), found on binned pixels."""
+    return find_bright_sources(target)[["x", "y", "snr"]]
 
 
 def decorrelation_kernel(kernel: np.ndarray, unconvolved_var: float, convolved_var: float,
@@ -248,12 +245,6 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     return out
 
 
-def _spread(flags: np.ndarray, reach: int) -> np.ndarray:
-    """``flags`` grown by ``reach`` pixels in a square (two separable max filters)."""
-    grown = maximum_filter1d(flags.view(np.uint8), 2 * reach + 1, axis=0)
-    return maximum_filter1d(grown, 2 * reach + 1, axis=1).view(bool)
-
-
 def _sampled(array: np.ndarray, step: int = 4) -> np.ndarray:
     """Every ``step``-th pixel in both directions: robust statistics of a million pixels are
     as good as of sixteen million."""
@@ -295,7 +286,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     basis = gaussian_poly_basis(sigmas, config.basis_degrees, half)
     stamp_half = half + int(np.ceil(max(fwhm_s, fwhm_t)))
     if candidates is None:
-        candidates = _detect_candidates(target, max(fwhm_s, fwhm_t), config)
+        candidates = _detect_candidates(target)
     ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
                                config.candidate_min_snr, config.candidate_max_snr,
                                config.cell_size, config.per_cell, config.max_candidates)
@@ -329,7 +320,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     # convolved image's missing pixels.
     edge = np.ones(science.shape, bool)
     edge[half:height - half, half:width - half] = False
-    no_data = no_data_t | (_spread(no_data_r, half) if no_data_r.any() else no_data_r)
+    no_data = no_data_t | (grow_square(no_data_r, half) if no_data_r.any() else no_data_r)
     if config.residual_background_mesh:
         sky = good & ~edge & ~no_data & ~(science.mask.is_set(["DETECTED", "CR"])
                                           | template.mask.is_set(["DETECTED", "CR"]))

@@ -26,6 +26,7 @@ from apqa.pipeline.cosmic_rays import CosmicRayConfig, detect_cosmic_rays
 from apqa.pipeline.detect import windowed_moments
 from apqa.pipeline.interpolate import interpolate_masked
 from apqa.pipeline.photometry import aperture_correction, psf_flux
+from apqa.pipeline.pixels import any_in_box, bin_sum, upsample
 from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, select_psf_candidates
 
 SIGMA_TO_FWHM = 2.3548
@@ -71,38 +72,6 @@ class _BinnedLabels:
                            np.minimum(wx // self.factor, width - 1)]
 
 
-def _bin_sum(array: np.ndarray, factor: int) -> np.ndarray:
-    """Sums over ``factor`` x ``factor`` blocks (the ragged edge dropped); strided adds are
-    several times faster than a reshaped ``sum``."""
-    height, width = (s // factor * factor for s in array.shape)
-    rows = array[:height, 0:width:factor].copy()
-    for i in range(1, factor):
-        rows += array[:height, i:width:factor]
-    out = rows[0::factor].copy()
-    for i in range(1, factor):
-        out += rows[i::factor]
-    return out
-
-
-def _upsample(binned: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Each binned pixel's value over the full pixels it covers (the ragged edge stays 0)."""
-    out = np.zeros(shape, binned.dtype)
-    height, width = binned.shape
-    view = out[:height * factor, :width * factor].reshape(height, factor, width, factor)
-    view[:] = binned[:, None, :, None]
-    return out
-
-
-def _stamp_any(flags: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
-    """For each position: is any flag set within the (2 half + 1)^2 box around it?"""
-    height, width = flags.shape
-    off = np.arange(-half, half + 1)
-    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
-    wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
-    return flags[wy, wx].any(axis=(1, 2))
-
-
 def _saturation(exposure: Exposure, grow: int) -> np.ndarray | None:
     """SAT from the header's saturation level, grown along columns; None when unknown."""
     level = exposure.detector_info.saturation if exposure.detector_info else np.inf
@@ -121,9 +90,9 @@ def _find_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
     sums: position, second moments, flux and S/N in binned pixels; and the label image."""
     factor = config.binning
     # Bins holding a masked pixel take no part (missing pixels have infinite variance).
-    data = _bin_sum(image, factor)
-    var = _bin_sum(variance, factor)
-    bad = _bin_sum(masked.view(np.uint8), factor) > 0
+    data = bin_sum(image, factor)
+    var = bin_sum(variance, factor)
+    bad = bin_sum(masked, factor) > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         above = (data > config.detection_threshold * np.sqrt(var)) & ~bad
     labels, n = label(above)
@@ -223,11 +192,32 @@ def _measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, flagge
     sources = pd.DataFrame({
         "x": x, "y": y, "flux": flux, "apFlux": flux, "apFluxErr": flux_err, "snr": snr,
         "ixx": ixx, "iyy": iyy, "ixy": ixy,
-        "bad_pixels": _stamp_any(flagged, x, y, max(1, int(2 * fwhm))) | (ap_flag != 0)
+        "bad_pixels": any_in_box(flagged, x, y, max(1, int(2 * fwhm))) | (ap_flag != 0)
         | ~np.isfinite(ixx),
         "label": keep + 1,  # the source's label in the segmentation map
     })
     return sources, fwhm
+
+
+def find_bright_sources(exposure: Exposure, config: PrepareConfig | None = None
+                        ) -> pd.DataFrame:
+    """Sources of a background-subtracted exposure above ``config.min_snr``, found on binned
+    pixels and measured at full resolution (x, y, snr, flux, moments, ``bad_pixels``).
+
+    Examples
+    --------
+    >>> stars = find_bright_sources(calexp)  # doctest: +SKIP
+    >>> stars[stars["snr"] > 10][["x", "y"]]  # doctest: +SKIP
+    """
+    config = config or PrepareConfig()
+    masked = exposure.mask.is_set(["NO_DATA", "BAD", "SAT"])
+    image = np.ascontiguousarray(exposure.image, np.float32)
+    objects, _ = _find_sources(image, exposure.variance, masked, config)
+    if len(objects) == 0:
+        return pd.DataFrame(columns=["x", "y", "snr"])
+    flagged = exposure.mask.is_set([p for p in _FLAGGED if p in exposure.mask.planes])
+    sources, _ = _measure(image, exposure.variance, masked, flagged, objects, config)
+    return sources
 
 
 def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = None
@@ -283,12 +273,12 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         if n_cr:
             mask.set("CR", crs)
             fill = crs | mask.is_set(["BAD", "SAT"])
-            image = interpolate_masked(image, fill | mask.is_set("NO_DATA"))
+            image = interpolate_masked(image, fill | mask.is_set("NO_DATA"), targets=fill)
             mask.set("INTRP", fill)
-            sources["bad_pixels"] |= _stamp_any(crs, sources["x"].to_numpy(),
+            sources["bad_pixels"] |= any_in_box(crs, sources["x"].to_numpy(),
                                                 sources["y"].to_numpy(), max(1, int(2 * fwhm)))
     grown = binary_dilation(segmap > 0, iterations=1)
-    mask.set("DETECTED", _upsample(grown, config.binning, image.shape))
+    mask.set("DETECTED", upsample(grown, config.binning, image.shape))
 
     candidates = select_psf_candidates(sources, fwhm, config.psf)
     if len(candidates) < 2 * config.psf.min_stars:

@@ -41,7 +41,8 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
                      ) -> tuple[Exposure, pd.DataFrame | None]:
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
-    An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) is used as it is; any
+    An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) or a template warped
+    from one (``'warp'``) is used as it is; any
     other reduced image gets the light preparation of
     :func:`~apqa.pipeline.diffim.prepare.prepare_for_difference` (sky, saturation, cosmic
     rays, source footprints, PSF model).
@@ -53,7 +54,7 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
     """
     config = config or DiffConfig()
     obstype = str(exposure.metadata.get("OBSTYPE", "")).lower()
-    if obstype == "calexp" and exposure.psf:
+    if obstype in ("calexp", "warp") and exposure.psf:  # already prepared
         return exposure, None
     if obstype == "raw":
         raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
