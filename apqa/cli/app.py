@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -50,6 +53,16 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     configure_logging(verbose, quiet)
+
+
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """FFTs on every core for the work of one command (scipy.fft uses one thread unless told;
+    Dask workers keep that default, so that two workers do not fight over the same cores)."""
+    import scipy.fft
+
+    with scipy.fft.set_workers(os.cpu_count() or 1):
+        yield
 
 
 def fail(message: str) -> typer.Exit:

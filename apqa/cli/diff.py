@@ -12,7 +12,7 @@ import typer
 from astropy.io import fits
 from rich.console import Console
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import all_cores, app, fail
 from apqa.config import load_config
 from apqa.errors import ApqaError, InputError
 
@@ -51,7 +51,8 @@ def diff(
             raise InputError(f"--algorithm {algorithm!r}: expected 'al' or 'zogy'")
         cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
         start = time.perf_counter()
-        with console.status("[bold]reading and characterizing science and template") as status:
+        with all_cores(), console.status(
+                "[bold]reading and characterizing science and template") as status:
             sci, tmp, sci_sources = prepare_pair(lambda: Exposure.from_fits(science),
                                                  lambda: Exposure.from_fits(template), cfg)
             status.update(f"[bold]subtracting ({algorithm})")

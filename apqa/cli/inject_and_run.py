@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import all_cores, app, fail
 from apqa.errors import ApqaError, InputError
 
 EPILOG = """Examples:
@@ -126,7 +126,8 @@ def inject_and_run_command(
         opts = RunOptions(out=out, dataset=dataset, n_visits=visits, n_detectors=detectors,
                           seed=seed, config=cfg, db=db, apdb=apdb, scheduler=scheduler,
                           resume=resume, thresholds=thresholds)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        with all_cores(), Progress(TextColumn("{task.description}"), BarColumn(),
+                                   MofNCompleteColumn(),
                       TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(),
                       console=console, disable=quiet or as_json) as progress:
             task = progress.add_task("units", total=None, failed=0)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from apqa import __version__
 from apqa.atomic import write_json, write_parquet
-from apqa.cli.app import app, fail
+from apqa.cli.app import all_cores, app, fail
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
 
@@ -76,7 +76,7 @@ def process(
         defects_table = _read_defects(defects) if defects else None
         ref = load_refcat(refcat) if refcat else None
         start = time.perf_counter()
-        with console.status("processing") as status:
+        with all_cores(), console.status("processing") as status:
             result = process_exposure(raw, bias_exp, flat_exp, defects_table, ref, cfg,
                                       on_stage=lambda s: status.update(f"[bold]{s}"))
         info = {

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from apqa import __version__
 from apqa.atomic import write_json, write_parquet
-from apqa.cli.app import app, fail
+from apqa.cli.app import all_cores, app, fail
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
 
@@ -97,7 +97,7 @@ def run(
         cfg = load_config(RunConfig, config)
         cfg = cfg.model_copy(update={"diff": cfg.diff.model_copy(update={"algorithm": algorithm})})
         start = time.perf_counter()
-        with console.status("reading") as status:
+        with all_cores(), console.status("reading") as status:
             sci = _calibrated(Exposure.from_fits(science), science, zero_point)
             tmp = _calibrated(Exposure.from_fits(template), template,
                               template_zero_point if template_zero_point is not None

@@ -32,11 +32,11 @@ def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarr
     h = k // 2
     shape = (image.shape[0] + k - 1, image.shape[1] + k - 1)
     fast = (sfft.next_fast_len(shape[0], real=True), sfft.next_fast_len(shape[1], real=True))
-    fi = sfft.rfft2(image.astype(np.float32, copy=False), s=fast, workers=-1)
+    fi = sfft.rfft2(image.astype(np.float32, copy=False), s=fast)
     outs = []
     for kernel in kernels:
         pad = (k - kernel.shape[0]) // 2
-        fk = sfft.rfft2(np.pad(kernel.astype(np.float32), pad), s=fast, workers=-1)
-        full = sfft.irfft2(fi * fk, s=fast, workers=-1)
+        fk = sfft.rfft2(np.pad(kernel.astype(np.float32), pad), s=fast)
+        full = sfft.irfft2(fi * fk, s=fast)
         outs.append(full[h:h + image.shape[0], h:h + image.shape[1]].astype(np.float32))
     return outs

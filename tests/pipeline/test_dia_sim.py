@@ -119,8 +119,8 @@ def test_dense_field_photometry_stays_close(dense):
 @pytest.fixture(scope="module")
 def injected():
     """A realistic hits-sim field (its own transients and variable stars) with fakes drawn
-    into the calibrated science image, as Rubin measures psfFlux: 1,400 isolated point
-    sources and one on each of up to 110 host galaxies, 20-24.5 mag."""
+    into the calibrated science image, as Rubin measures psfFlux: 2,000 isolated point
+    sources and one on each of up to 110 host galaxies, 21-24.5 mag (true S/N ~3-100)."""
     from apqa.injection.catalog import CatalogConfig, generate_catalog
     from apqa.injection.draw import inject
     from apqa.injection.hosts import select_hosts
@@ -138,8 +138,8 @@ def injected():
     n_hosts = len(select_hosts(science.sources, science.calexp, (17.0, 23.0), 0.5, 20.0))
     n_hosted = min(110, n_hosts)  # one fake per host: two on one galaxy would blend
     catalog = generate_catalog(science.calexp, CatalogConfig(
-        n=1400 + n_hosted, mix={"isolated": 1400, "hosted": n_hosted},
-        mag_range=(20.0, 24.5)), hosts=science.sources, seed=41)
+        n=2000 + n_hosted, mix={"isolated": 2000, "hosted": n_hosted},
+        mag_range=(21.0, 24.5)), hosts=science.sources, seed=41)
     sci, drawn = inject(science.calexp, catalog, seed=41, visit=1, detector=1)
     tpl, drawn_tpl = inject(template.calexp, catalog, seed=41, visit=1, detector=1,
                             target="template")
@@ -169,11 +169,13 @@ def test_fake_completeness_bias_and_pulls(injected):
     on_host = high & hosted
     stderr = 1.2533 * np.std(ratio[on_host]) / np.sqrt(on_host.sum())
     assert abs(np.median(ratio[on_host])) <= 3 * stderr, (np.median(ratio[on_host]), stderr)
-    # Pulls where noise dominates; a robust std from ~600 fakes is good to ~0.03.
-    ok = found & (snr > 5) & (snr < 25)
+    # Pulls where noise dominates and detection is complete (below S/N 10 only the fakes
+    # that noise pushed up are detected, which narrows the distribution); a robust std from
+    # ~700 fakes is good to ~0.03.
+    ok = found & (snr > 10) & (snr < 25)
     pull = (flux[ok] - truth[ok]) / err[ok]
     robust_std = 1.4826 * np.median(np.abs(pull - np.median(pull)))
-    assert ok.sum() > 400 and 0.95 <= robust_std <= 1.05, (ok.sum(), robust_std)
+    assert ok.sum() > 500 and 0.95 <= robust_std <= 1.05, (ok.sum(), robust_std)
 
 
 def test_table_is_apdb_diasource(dense):

@@ -30,6 +30,7 @@ from apqa.pipeline.diffim.al_kernel import (
     stamps,
 )
 from apqa.pipeline.diffim.prepare import find_bright_sources
+from apqa.pipeline.diffim.warp_resample import noise_transfer
 from apqa.pipeline.fftconv import convolve_full, convolve_same
 from apqa.pipeline.pixels import grow_square
 
@@ -89,22 +90,56 @@ def _detect_candidates(target: Exposure) -> pd.DataFrame:
     return find_bright_sources(target)[["x", "y", "snr"]]
 
 
-def decorrelation_kernel(kernel: np.ndarray, unconvolved_var: float, convolved_var: float,
-                         size: int) -> np.ndarray:
-    """Real-space decorrelation filter (centred, ``size`` x ``size``) for a matching kernel.
+def warp_kernel(exposure: Exposure) -> str | None:
+    """The resampling kernel of a warped exposure (its noise is correlated), else None."""
+    meta = exposure.metadata
+    if str(meta.get("OBSTYPE", "")).lower() == "warp" and "WARPKERN" in meta:
+        return str(meta["WARPKERN"])
+    return None
 
-    ``corr(k) = sqrt((u_var + c_var kSum^2) / (u_var + c_var |K(k)|^2))``; corr(0) = 1, so flux is
-    preserved.
+
+def _warp_power(warp: str | None, shape: tuple[int, int], real: bool) -> np.ndarray | float:
+    """Noise power transfer of a warp on the (r)fft2 grid of ``shape`` (1 without a warp)."""
+    if warp is None:
+        return 1.0
+    fy = sfft.fftfreq(shape[0])
+    fx = sfft.rfftfreq(shape[1]) if real else sfft.fftfreq(shape[1])
+    return np.outer(noise_transfer(warp, fy)[0], noise_transfer(warp, fx)[0]).astype(np.float32)
+
+
+def _variance_factor(warp: str | None) -> float:
+    """Per-pixel variance of a warped image over that of its white input noise."""
+    return 1.0 if warp is None else noise_transfer(warp, np.zeros(1))[1] ** 2
+
+
+def decorrelation_filter(kernel_power: np.ndarray, ksum: float, target_var: float,
+                         ref_var: float, target_power: np.ndarray | float = 1.0,
+                         ref_power: np.ndarray | float = 1.0) -> np.ndarray:
+    """``sqrt((t + c kSum^2) / (t P_t(k) + c |K(k)|^2 P_r(k)))`` in float32.
+
+    ``t``, ``c`` are the white-noise variances of the target and of the convolved image and
+    ``P_t``, ``P_r`` their noise power transfers (1, or a warp's); the filtered difference has
+    white noise of variance ``t + c kSum^2``, and the filter is 1 at k = 0 (flux preserved).
     """
+    denominator = np.float32(ref_var) * kernel_power * ref_power
+    denominator += np.float32(target_var) * target_power
+    return np.sqrt(np.float32(target_var + ref_var * ksum**2) / denominator)
+
+
+def decorrelation_kernel(kernel: np.ndarray, unconvolved_var: float, convolved_var: float,
+                         size: int, target_warp: str | None = None,
+                         ref_warp: str | None = None) -> np.ndarray:
+    """Real-space decorrelation filter (centred, ``size`` x ``size``) for a matching kernel
+    (see :func:`decorrelation_filter`; variances of the white input noise)."""
     n = max(size, 2 * kernel.shape[0]) * 2
     padded = np.zeros((n, n))
     h = kernel.shape[0] // 2
     padded[:kernel.shape[0], :kernel.shape[1]] = kernel
     padded = np.roll(padded, (-h, -h), axis=(0, 1))  # kernel centre at pixel (0, 0)
     ft = np.fft.fft2(padded)
-    ksum = kernel.sum()
-    corr = np.sqrt((unconvolved_var + convolved_var * ksum**2)
-                   / (unconvolved_var + convolved_var * np.abs(ft) ** 2))
+    corr = decorrelation_filter(np.abs(ft) ** 2, float(kernel.sum()), unconvolved_var,
+                                convolved_var, _warp_power(target_warp, (n, n), False),
+                                _warp_power(ref_warp, (n, n), False))
     phi = np.real(np.fft.ifft2(corr))
     phi = np.roll(phi, (size // 2, size // 2), axis=(0, 1))[:size, :size]
     return phi / phi.sum()
@@ -194,12 +229,16 @@ def _centred_kernel_ft(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     padded = np.zeros((shape[0], along_x.shape[1]), np.complex64)
     padded[:half + 1] = along_x[half:]
     padded[-half:] = along_x[:half]
-    return sfft.fft(padded, axis=0, overwrite_x=True, workers=-1)
+    return sfft.fft(padded, axis=0, overwrite_x=True)
 
 
 def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKernel,
-                        u_var: float, c_var: float, decorrelate: bool) -> np.ndarray:
+                        u_var: float, c_var: float, decorrelate: bool,
+                        warps: tuple[str | None, str | None] = (None, None)) -> np.ndarray:
     """``phi * (target - K(u, v) * ref)`` (phi the decorrelation filter, or 1), in float32.
+
+    ``u_var``, ``c_var`` are the white-noise variances of target and ref, ``warps`` their warp
+    kernels (None for images on their own grid).
 
     One forward FFT per image and one inverse FFT per spatial term of the kernel: the filter
     is applied in Fourier space before the spatial terms are recombined, which is exact for the
@@ -211,23 +250,23 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     # Zero padding by the kernel's half-width: 'same' convolution without wrap-around.
     shape = (sfft.next_fast_len(height + half, real=True),
              sfft.next_fast_len(width + half, real=True))
-    fr = sfft.rfft2(ref, s=shape, workers=-1)
+    fr = sfft.rfft2(ref, s=shape)
     fk0 = _centred_kernel_ft(kernel.kernels[0], shape)
     phi = None
     if decorrelate:
         ksum = kernel.ksum
         power = np.abs(fk0)
         power *= power
-        power *= np.float32(c_var)
-        power += np.float32(u_var)
-        phi = np.sqrt(np.float32(u_var + c_var * ksum**2) / power)
-    acc = sfft.rfft2(target, s=shape, workers=-1)
+        phi = decorrelation_filter(power, ksum, u_var, c_var, _warp_power(warps[0], shape, True),
+                                   _warp_power(warps[1], shape, True))
+        del power
+    acc = sfft.rfft2(target, s=shape)
     fk0 *= fr
     acc -= fk0
     del fk0
     if phi is not None:
         acc *= phi
-    out = sfft.irfft2(acc, s=shape, workers=-1)[:height, :width]
+    out = sfft.irfft2(acc, s=shape)[:height, :width]
     del acc
     coords = (((np.arange(width, dtype=np.float32) - np.float32((width - 1) / 2))
                / np.float32(width / 2))[None, :],
@@ -238,7 +277,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
         product *= fr
         if phi is not None:
             product *= phi
-        term_image = sfft.irfft2(product, s=shape, workers=-1)[:height, :width]
+        term_image = sfft.irfft2(product, s=shape)[:height, :width]
         del product
         term_image *= coord
         out -= term_image
@@ -305,11 +344,16 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     unusable = science.mask.is_set(["NO_DATA", "SAT", "BAD"]) | template.mask.is_set(
         ["NO_DATA", "SAT", "BAD"])
     good = ~unusable
-    u_var = float(np.median(_sampled(target.variance)[_sampled(good)]))
-    c_var = float(np.median(_sampled(ref.variance)[_sampled(good)]))
+    # A warped image's variance plane is per pixel; the white noise it came from had more
+    # (the warp moved the rest into correlations): the decorrelation and the difference's
+    # variance use the white-noise level and the warp's noise spectrum.
+    warps = (warp_kernel(target), warp_kernel(ref))
+    factors = (_variance_factor(warps[0]), _variance_factor(warps[1]))
+    u_var = float(np.median(_sampled(target.variance)[_sampled(good)])) / factors[0]
+    c_var = float(np.median(_sampled(ref.variance)[_sampled(good)])) / factors[1]
     diff = _matched_difference(np.where(no_data_t, np.float32(0), target.image),
                                np.where(no_data_r, np.float32(0), ref.image),
-                               kernel, u_var, c_var, config.decorrelate)
+                               kernel, u_var, c_var, config.decorrelate, warps)
     uu = ((np.arange(width, dtype=np.float32) - np.float32(cx)) / np.float32(width / 2))[None, :]
     vv = ((np.arange(height, dtype=np.float32) - np.float32(cy))
           / np.float32(height / 2))[:, None]
@@ -322,13 +366,15 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     edge[half:height - half, half:width - half] = False
     no_data = no_data_t | (grow_square(no_data_r, half) if no_data_r.any() else no_data_r)
     if config.residual_background_mesh:
-        sky = good & ~edge & ~no_data & ~(science.mask.is_set(["DETECTED", "CR"])
-                                          | template.mask.is_set(["DETECTED", "CR"]))
+        # Sources found before injection are DETECTED; injected fakes carry their own planes.
+        busy = ["DETECTED", "CR", "INJECTED", "INJECTED_TEMPLATE"]
+        sky = good & ~edge & ~no_data & ~(science.mask.is_set(busy) | template.mask.is_set(busy))
         diff -= _residual_background(diff, sky, config.residual_background_mesh)
     psf = science.psf
     if config.decorrelate:
-        phi = decorrelation_kernel(kernel.kernels[0], u_var, c_var, 2 * size + 1)
-        variance = target.variance + np.float32(ksum**2) * ref.variance
+        phi = decorrelation_kernel(kernel.kernels[0], u_var, c_var, 2 * size + 1, *warps)
+        variance = (target.variance * np.float32(1 / factors[0])
+                    + np.float32(ksum**2 / factors[1]) * ref.variance)
     else:
         phi = None
         ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)

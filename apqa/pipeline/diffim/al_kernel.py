@@ -152,9 +152,9 @@ def _convolve_stamps(ref: np.ndarray, basis: np.ndarray) -> np.ndarray:
     _n, big, _ = ref.shape
     _nb, k, _ = basis.shape
     size = sfft.next_fast_len(big + k - 1, real=True)
-    fr = sfft.rfft2(ref, s=(size, size), workers=-1)
-    fb = sfft.rfft2(basis, s=(size, size), workers=-1)
-    out = sfft.irfft2(fr[:, None] * fb[None], s=(size, size), workers=-1)
+    fr = sfft.rfft2(ref, s=(size, size))
+    fb = sfft.rfft2(basis, s=(size, size))
+    out = sfft.irfft2(fr[:, None] * fb[None], s=(size, size))
     m = big - k + 1
     return out[..., k - 1:k - 1 + m, k - 1:k - 1 + m]
 

@@ -169,7 +169,9 @@ class ZogyConfig(ConfigModel):
         description="subtract in overlapping tiles of about this size (pixels), each with the "
                     "PSFs at its centre, to follow spatially varying PSFs (no slower: smaller "
                     "FFTs); None: one PSF pair, at the image centre")
-    workers: int = Field(-1, description="scipy.fft workers (-1: all cores)")
+    workers: int | None = Field(
+        None, description="scipy.fft workers (-1: all cores; None: the caller's "
+                          "scipy.fft.set_workers setting, 1 by default)")
 
 
 @dataclass
