@@ -50,6 +50,9 @@ class MeasureConfig(ConfigModel):
     dipole_max_flux_ratio: float = 0.65
     dipole_max_chi2_dof: float = 5.0
     trail_min_snr: float = Field(8.0, description="trail fit only above this S/N")
+    trail_max_length: float = Field(
+        150.0, gt=0, description="elongated sources with a longer footprint (px) are "
+                                 "satellite streaks, not moving objects: flagged, not fitted")
     trail_min_elongation: float = Field(
         2.0, description="trail fit when the major/minor axis ratio exceeds the PSF's by this "
                          "(2: trails longer than ~2.5 FWHM)")
@@ -412,6 +415,9 @@ def _trails(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
     height, width = difference.shape
     for i in candidates:
         # Moments of a segment of length L convolved with the PSF: major = psf + L^2 / 12.
+        if table.at[i, "bboxSize"] > config.trail_max_length:
+            flag[i] = True  # a satellite streak (its footprint says how long): not fitted
+            continue
         length0 = np.sqrt(max(12.0 * (major[i] - pmajor[i]), 1.0)) / scale[i]
         angle0 = 0.5 * np.arctan2(2 * ixy[i], ixx[i] - iyy[i])
         x, y = float(table.at[i, "x"]), float(table.at[i, "y"])

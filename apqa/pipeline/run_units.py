@@ -151,12 +151,19 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     single = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
                               source.refcat(), config.single_visit)
     timings.update(single.timings)
+    # Only the truth table is needed from here on: the raw pixels and calibration frames go
+    # (a unit's peak memory is what limits how many run side by side).
+    truth = inputs.truth
+    del inputs
+    calexp, sci_sources, q = single.calexp, single.sources, single.quality
+    del single
 
     start = time.perf_counter()
-    catalog = generate_catalog(single.calexp, config.catalog_config(), hosts=single.sources,
+    catalog = generate_catalog(calexp, config.catalog_config(), hosts=sci_sources,
                                seed=unit_seed(seed, visit, detector))
-    science, drawn = inject(single.calexp, catalog, seed=seed, visit=visit, detector=detector,
+    science, drawn = inject(calexp, catalog, seed=seed, visit=visit, detector=detector,
                             target="science")
+    del calexp
     template_exp, drawn_tmpl = inject(template_exp, catalog, seed=seed, visit=visit,
                                       detector=detector, target="template")
     injected = merge_injected(drawn, drawn_tmpl)
@@ -168,7 +175,7 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     difference = pair.diffim.difference
     match = match_fakes(injected, pair.dia_sources, difference, config.match, visit=visit,
                         detector=detector)
-    real = _real_ids(pair.dia_sources, match.table, inputs.truth,
+    real = _real_ids(pair.dia_sources, match.table, truth,
                      config.real_radius_arcsec / _pixel_scale(difference))
     timings["match"] = time.perf_counter() - start
 
@@ -180,7 +187,6 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     write_parquet(pair.dia_sources, folder / "diaSources.parquet")
     write_parquet(match.table, folder / "matched.parquet")
     timings["write"] = time.perf_counter() - start
-    q = single.quality
     info = difference.visit_info
     return {
         "mjd": float(info.mjd) if info is not None else float("nan"),
@@ -188,7 +194,7 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
         "timings": timings,
         "n_fakes": len(injected), "n_fakes_drawn": int((injected["injection_flag"] == 0).sum()),
         "n_matched": int(match.table["matched"].sum()),
-        "n_dia_sources": len(pair.dia_sources), "n_sci_sources": len(single.sources),
+        "n_dia_sources": len(pair.dia_sources), "n_sci_sources": len(sci_sources),
         "chance_fraction": match.chance_fraction, "real_ids": real,
         "area_deg2": difference.width * difference.height
         * (_pixel_scale(difference) / 3600.0) ** 2,
