@@ -103,36 +103,41 @@ def _fit_batch(x: np.ndarray, n: np.ndarray, k: np.ndarray, theta0: np.ndarray, 
     """
     theta = np.repeat(theta0[None, :], n.shape[0], axis=0)
     theta[:, 1] = np.maximum(theta[:, 1], min_log_width)
+    # Only the fits still moving are iterated (small, degenerate replicates take many steps).
+    active = np.arange(n.shape[0])
     lam = np.full(n.shape[0], 1e-3)
     p, jac = _model(theta, x, sign)
     loss = _nll(p, n, k)
     for _ in range(iterations):
-        pc = np.clip(p, 1e-9, 1 - 1e-9)
-        w = n / (pc * (1 - pc))
-        score = np.einsum("bij,bi->bj", jac, (k - n * pc) / (pc * (1 - pc)))
+        th, pa, ja, na, ka = theta[active], p[active], jac[active], n[active], k[active]
+        pc = np.clip(pa, 1e-9, 1 - 1e-9)
+        w = na / (pc * (1 - pc))
+        score = (ja * ((ka - na * pc) / (pc * (1 - pc)))[:, :, None]).sum(axis=1)
         # Projected scoring: a parameter held at its bound by a score pushing outwards is
         # frozen for this step, so the free ones still converge.
-        frozen = np.zeros(theta.shape, bool)
-        frozen[:, 1] = (theta[:, 1] <= min_log_width) & (score[:, 1] < 0)
-        frozen[:, 2] = ((theta[:, 2] >= 12) & (score[:, 2] > 0)) | (
-            (theta[:, 2] <= -12) & (score[:, 2] < 0))
-        free_jac = np.where(frozen[:, None, :], 0.0, jac)
-        info = np.einsum("bij,bi,bik->bjk", free_jac, w, free_jac)
-        diag = np.einsum("bjj->bj", info)
-        damped = info + (lam[:, None] * diag + 1e-9)[:, :, None] * np.eye(3)[None]
+        frozen = np.zeros(th.shape, bool)
+        frozen[:, 1] = (th[:, 1] <= min_log_width) & (score[:, 1] < 0)
+        frozen[:, 2] = ((th[:, 2] >= 12) & (score[:, 2] > 0)) | (
+            (th[:, 2] <= -12) & (score[:, 2] < 0))
+        free_jac = np.where(frozen[:, None, :], 0.0, ja)
+        info = np.matmul((free_jac * w[:, :, None]).transpose(0, 2, 1), free_jac)
+        diag = np.diagonal(info, axis1=1, axis2=2)
+        damped = info + (lam[active, None] * diag + 1e-9)[:, :, None] * np.eye(3)[None]
         step = np.linalg.solve(damped, np.where(frozen, 0.0, score)[:, :, None])[:, :, 0]
-        trial = theta + step
+        trial = th + step
         trial[:, 1] = np.maximum(trial[:, 1], min_log_width)
         trial[:, 2] = np.clip(trial[:, 2], -12, 12)  # plateau kept inside (0, 1)
-        moved = np.abs(trial - theta).max(axis=1)
+        moved = np.abs(trial - th).max(axis=1)
         tp, tj = _model(trial, x, sign)
-        tl = _nll(tp, n, k)
-        better = np.isfinite(tl) & (tl <= loss)
-        theta[better], p[better], jac[better], loss[better] = (
+        tl = _nll(tp, na, ka)
+        better = np.isfinite(tl) & (tl <= loss[active])
+        idx = active[better]
+        theta[idx], p[idx], jac[idx], loss[idx] = (
             trial[better], tp[better], tj[better], tl[better])
-        lam = np.where(better, lam / 3, lam * 4)
+        lam[active] = np.where(better, lam[active] / 3, lam[active] * 4)
         # Done: the last step moved nothing, or no step downhill is left (flat likelihood).
-        if np.all((moved < 1e-8) | (lam > 1e6)):
+        active = active[~((moved < 1e-8) | (lam[active] > 1e6))]
+        if active.size == 0:
             break
     return theta
 
