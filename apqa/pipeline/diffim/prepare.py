@@ -72,8 +72,9 @@ class _BinnedLabels:
                            np.minimum(wx // self.factor, width - 1)]
 
 
-def _saturation(exposure: Exposure, grow: int) -> np.ndarray | None:
-    """SAT from the header's saturation level, grown along columns; None when unknown."""
+def _saturation(exposure: Exposure, grow: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixels (ys, xs) at or above the saturation level, grown along columns (bleed-trail
+    ends); None when the level is unknown or nothing saturates."""
     level = exposure.detector_info.saturation if exposure.detector_info else np.inf
     if not np.isfinite(level):
         return None
