@@ -339,7 +339,7 @@ class Apdb:
         objects[PIXEL_COLUMN] = pixel_ids(objects["ra"], objects["dec"])
         sources[PIXEL_COLUMN] = pixel_ids(sources["ra"], sources["dec"])
         with self._guard(where, writing=True), self._engine.begin() as conn:
-            self._remove_visit(conn, int(visit), int(detector))
+            touched = self._remove_visit(conn, int(visit), int(detector))
             obj = self._tables["DiaObject"]
             for chunk in _chunks(objects["diaObjectId"].tolist()):
                 start = float(times[0])
@@ -349,17 +349,39 @@ class Apdb:
                 # An object updated twice at the same time (overlapping detectors): last wins.
                 conn.execute(sa.delete(obj).where(obj.c.diaObjectId.in_(chunk),
                                                   obj.c.validityStartMjdTai == start))
-            return {"DiaObject": bulk_insert(conn, obj, objects),
-                    "DiaSource": bulk_insert(conn, self._tables["DiaSource"], sources),
-                    "DiaForcedSource": bulk_insert(conn, self._tables["DiaForcedSource"],
-                                                   forced)}
+            written = {"DiaObject": bulk_insert(conn, obj, objects),
+                       "DiaSource": bulk_insert(conn, self._tables["DiaSource"], sources),
+                       "DiaForcedSource": bulk_insert(conn, self._tables["DiaForcedSource"],
+                                                      forced)}
+            written["DiaObjectLast"] = self._refresh_last(
+                conn, sorted(touched | set(objects["diaObjectId"].astype("int64").tolist())))
+            return written
 
-    def _remove_visit(self, conn: sa.Connection, visit: int, detector: int) -> None:
-        """Undo an earlier store of this visit-detector: its rows and its object versions."""
+    def _refresh_last(self, conn: sa.Connection, ids: list[int]) -> int:
+        """Rewrite the DiaObjectLast rows of these objects from their current DiaObject
+        versions (Rubin's table of latest versions, read without the version filter)."""
+        last, obj = self._tables["DiaObjectLast"], self._tables["DiaObject"]
+        columns = [c.name for c in last.columns]
+        written = 0
+        for chunk in _chunks(ids):
+            conn.execute(sa.delete(last).where(last.c.diaObjectId.in_(chunk)))
+            conn.execute(sa.insert(last).from_select(
+                columns, sa.select(*[obj.c[c] for c in columns]).where(
+                    obj.c.diaObjectId.in_(chunk), obj.c.validityEndMjdTai.is_(None))))
+            # rowcount of INSERT ... SELECT is not reported by every driver: count instead.
+            written += int(conn.execute(sa.select(sa.func.count()).select_from(last).where(
+                last.c.diaObjectId.in_(chunk))).scalar_one())
+        return written
+
+    def _remove_visit(self, conn: sa.Connection, visit: int, detector: int) -> set[int]:
+        """Undo an earlier store of this visit-detector: its rows and its object versions.
+
+        Returns the DiaObjects whose current version changed."""
         src = self._tables["DiaSource"]
         obj = self._tables["DiaObject"]
         old = conn.execute(sa.select(src.c.diaObjectId, src.c.midpointMjdTai)
                            .where(src.c.visit == visit, src.c.detector == detector)).all()
+        ids: list[int] = []
         if old:
             start = float(old[0][1])
             ids = sorted({row[0] for row in old if row[0] is not None})
@@ -373,3 +395,4 @@ class Apdb:
             table = self._tables[name]
             conn.execute(sa.delete(table).where(table.c.visit == visit,
                                                 table.c.detector == detector))
+        return set(ids)

@@ -110,7 +110,8 @@ def test_round_trip_and_region_read(db_url):
     with Apdb.create(db_url) as apdb:
         assert apdb.schema_version == load_apdb_schema().version
         written = apdb.store_visit(410001, 3, src, obj, forced)
-        assert written == {"DiaObject": 500, "DiaSource": 500, "DiaForcedSource": 500}
+        assert written == {"DiaObject": 500, "DiaSource": 500, "DiaForcedSource": 500,
+                           "DiaObjectLast": 500}
         cones = [(RA0 + 0.03, DEC0, 0.04), (RA0 - 0.05, DEC0 + 0.05, 0.02)]
         objects, sources = apdb.read_region(cones)
         forced_back = apdb.read_forced_sources(objects["diaObjectId"])
@@ -172,7 +173,16 @@ def test_reprocessing_a_visit_replaces_its_rows(db_url):
         counts = apdb.counts()
         current, sources = apdb.read_region((RA0, DEC0, 0.5))
         everything = apdb.read_dia_objects()
+        with apdb._engine.connect() as conn:
+            last = pd.read_sql(sa.text('SELECT * FROM "DiaObjectLast"'), conn)
     assert counts["DiaSource"] == 230
+    # DiaObjectLast holds exactly the current versions, also after the re-runs were undone.
+    assert counts["DiaObjectLast"] == 200
+    merged = last.merge(current, on="diaObjectId", suffixes=("", "_current"))
+    assert len(merged) == 200
+    assert (merged["nDiaSources"] == merged["nDiaSources_current"]).all()
+    assert np.allclose(merged["ra"], merged["ra_current"])
+    assert np.allclose(merged["validityStartMjdTai"], merged["validityStartMjdTai_current"])
     pd.testing.assert_frame_equal(_sorted(everything, "diaObjectId"),
                                   _sorted(current, "diaObjectId"))
     assert counts["DiaObject"] == 200 + 30 and counts["DiaObject (current)"] == 200
@@ -186,7 +196,7 @@ def _dump(apdb: Apdb) -> dict:
     engine = apdb._engine
     out = {}
     with engine.connect() as conn:
-        for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
+        for name in ("DiaObject", "DiaObjectLast", "DiaSource", "DiaForcedSource"):
             rows = conn.execute(sa.text(f'SELECT * FROM "{name}"')).all()
             out[name] = sorted(tuple(str(v) for v in row) for row in rows)
     return out
