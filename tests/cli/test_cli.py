@@ -131,3 +131,16 @@ def test_console_script_as_subprocess(tmp_path):
                         env=env, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "crowded-sim: 2 exposures" in ok.stdout
+
+
+def test_a_command_imports_only_its_own_module():
+    # `apqa diff` must not pay for the simulator, GalSim rendering or scipy.signal at start-up.
+    code = ("import sys; sys.argv = ['apqa', 'diff', '--help']\n"
+            "from apqa.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('apqa.sim', 'apqa.cli.simulate', 'scipy.signal', "
+            "'apqa.pipeline.runner') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Usage: apqa diff" in out
+    assert out.strip().splitlines()[-1] == "[]"
