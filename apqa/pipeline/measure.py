@@ -27,7 +27,8 @@ from apqa.pipeline.detect import DiaDetections, stamp_moments, windowed_moments
 from apqa.pipeline.dipole import fit_dipole
 from apqa.pipeline.photometry import aperture_flux, psf_fit_centroid, psf_flux
 from apqa.pipeline.reliability import RELIABILITY_VERSION, reliability_score
-from apqa.pipeline.trail import fit_trail
+from apqa.pipeline.sky_geometry import local_pixel_scale, position_angle
+from apqa.pipeline.trail import measure_trails
 
 SIGMA_TO_FWHM = 2.3548
 _UNUSABLE = ["NO_DATA", "BAD", "SAT", "CR"]
@@ -140,28 +141,6 @@ def _box_bits(mask: np.ndarray, x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, 
                      for a, c, b, d in zip(x0, x1, y0, y1, strict=True)], dtype=np.int64)
 
 
-def _bearing(exposure: Exposure, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray,
-             y1: np.ndarray) -> np.ndarray:
-    """Position angle (deg, north through east) of the direction from (x0, y0) to (x1, y1)."""
-    ra0, dec0 = (np.deg2rad(v) for v in exposure.pixel_to_sky(x0, y0))
-    ra1, dec1 = (np.deg2rad(v) for v in exposure.pixel_to_sky(x1, y1))
-    dra = ra1 - ra0
-    pa = np.arctan2(np.sin(dra) * np.cos(dec1),
-                    np.cos(dec0) * np.sin(dec1) - np.sin(dec0) * np.cos(dec1) * np.cos(dra))
-    return np.rad2deg(pa) % 360.0
-
-
-def _pixel_scale_arcsec(exposure: Exposure, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Local pixel scale (arcsec/px, geometric mean of the axes) from the WCS at each point."""
-    ra, dec = exposure.pixel_to_sky(x, y)
-    ra1, dec1 = exposure.pixel_to_sky(x + 1.0, y)
-    ra2, dec2 = exposure.pixel_to_sky(x, y + 1.0)
-    cosd = np.cos(np.deg2rad(dec))
-    sx = np.hypot((ra1 - ra) * cosd, dec1 - dec)
-    sy = np.hypot((ra2 - ra) * cosd, dec2 - dec)
-    return 3600.0 * np.sqrt(sx * sy)
-
-
 def _diasource_ids(visit: int, detector: int, n: int) -> np.ndarray:
     # visit * 10^8 + detector * 10^5 + index: unique per (visit, detector) for < 10^5 sources.
     return np.int64(visit) * 100_000_000 + np.int64(detector) * 100_000 + np.arange(n)
@@ -223,7 +202,7 @@ def measure_dia_sources(detections: DiaDetections, difference: Exposure, science
     pos_err = np.sqrt(2.0) * sigma / np.maximum(snr, 1e-3)
     table["xErr"], table["yErr"] = pos_err, pos_err
     ra, dec = difference.pixel_to_sky(x, y)
-    scale = _pixel_scale_arcsec(difference, x, y)
+    scale = local_pixel_scale(difference, x, y)
     table["ra"], table["dec"] = ra, dec
     table["raErr"] = pos_err * scale / 3600.0
     table["decErr"] = pos_err * scale / 3600.0
@@ -253,7 +232,8 @@ def measure_dia_sources(detections: DiaDetections, difference: Exposure, science
     _shapes(table, difference, x, y, sign, sigma, scale, config)
     _pixel_flags(table, mask, ix, iy, detections, x, y)
     _dipoles(table, difference, usable, cands, config, scale)
-    _trails(table, difference, usable, config, scale, snr)
+    measure_trails(table, difference, usable, scale, snr, config.trail_min_elongation,
+                   config.trail_min_snr, config.trail_max_length)
 
     info_band = info.band if info else ""
     table["diaSourceId"] = _diasource_ids(visit, detector, n)
@@ -371,7 +351,7 @@ def _dipoles(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
         cols["dipoleFluxDiff"][i] = calib.to_njy(fit.flux_diff)
         cols["dipoleFluxDiffErr"][i] = calib.to_njy(np.hypot(fit.pos_flux_err, fit.neg_flux_err))
         cols["dipoleLength"][i] = fit.length * scale[i]
-        cols["dipoleAngle"][i] = _bearing(
+        cols["dipoleAngle"][i] = position_angle(
             difference, np.array([fit.neg_x]), np.array([fit.neg_y]), np.array([fit.pos_x]),
             np.array([fit.pos_y]))[0]
         cols["dipoleChi2"][i] = fit.chi2
@@ -387,63 +367,6 @@ def _dipoles(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
     if dipole.any():
         ra, dec = difference.pixel_to_sky(x, y)
         table["x"], table["y"], table["ra"], table["dec"] = x, y, ra, dec
-
-
-def _trails(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
-            config: MeasureConfig, scale: np.ndarray, snr: np.ndarray) -> None:
-    ixx, iyy, ixy = (table[c].to_numpy(np.float64) for c in ("ixx", "iyy", "ixy"))
-    pxx, pyy, pxy = (table[c].to_numpy(np.float64) for c in ("ixxPSF", "iyyPSF", "ixyPSF"))
-
-    def axes(a, b, c):
-        mean, diff = 0.5 * (a + b), np.sqrt(0.25 * (a - b) ** 2 + c**2)
-        return mean + diff, np.maximum(mean - diff, 1e-12)
-
-    major, minor = axes(ixx, iyy, ixy)
-    pmajor, pminor = axes(pxx, pyy, pxy)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        elongation = np.sqrt(major / minor) / np.sqrt(pmajor / pminor)
-    candidates = np.flatnonzero((elongation > config.trail_min_elongation)
-                                & (snr > config.trail_min_snr)
-                                & ~table["isDipole"].to_numpy(bool))
-    calib = difference.photo_calib
-    n = len(table)
-    cols = {c: np.full(n, np.nan) for c in (
-        "trailRa", "trailDec", "trailLength", "trailAngle", "trailFlux", "trailFluxErr",
-        "trailChi2")}
-    cols["trailNdata"] = np.zeros(n, np.int64)
-    flag, flag_edge = np.zeros(n, bool), np.zeros(n, bool)
-    height, width = difference.shape
-    for i in candidates:
-        # Moments of a segment of length L convolved with the PSF: major = psf + L^2 / 12.
-        if table.at[i, "bboxSize"] > config.trail_max_length:
-            flag[i] = True  # a satellite streak (its footprint says how long): not fitted
-            continue
-        length0 = np.sqrt(max(12.0 * (major[i] - pmajor[i]), 1.0)) / scale[i]
-        angle0 = 0.5 * np.arctan2(2 * ixy[i], ixx[i] - iyy[i])
-        x, y = float(table.at[i, "x"]), float(table.at[i, "y"])
-        sign = -1.0 if table.at[i, "isNegative"] else 1.0
-        fit = fit_trail(sign * difference.image, difference.variance, usable, difference.psf,
-                        x, y, length0, angle0)
-        if fit is None:
-            flag[i] = True
-            continue
-        half = 0.5 * fit.length
-        x0, y0 = fit.x - half * np.cos(fit.angle), fit.y - half * np.sin(fit.angle)
-        x1, y1 = fit.x + half * np.cos(fit.angle), fit.y + half * np.sin(fit.angle)
-        ra, dec = difference.pixel_to_sky(np.array([fit.x]), np.array([fit.y]))
-        cols["trailRa"][i], cols["trailDec"][i] = ra[0], dec[0]
-        cols["trailLength"][i] = fit.length * scale[i]
-        cols["trailAngle"][i] = _bearing(difference, np.array([x0]), np.array([y0]),
-                                         np.array([x1]), np.array([y1]))[0] % 180.0
-        cols["trailFlux"][i] = sign * calib.to_njy(fit.flux)
-        cols["trailFluxErr"][i] = calib.to_njy(fit.flux_err)
-        cols["trailChi2"][i] = fit.chi2
-        cols["trailNdata"][i] = fit.ndata
-        flag_edge[i] = (min(x0, x1) < 0 or min(y0, y1) < 0 or max(x0, x1) > width - 1
-                        or max(y0, y1) > height - 1)
-    for name, values in cols.items():
-        table[name] = values
-    table["trail_flag"], table["trail_flag_edge"] = flag, flag_edge
 
 
 def _star_residuals(table: pd.DataFrame, config: MeasureConfig) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Trail fit: a line segment convolved with the PSF, for elongated DIASources (fast asteroids,
-satellites).
+"""Trail fit: a line segment convolved with the PSF, for elongated DIASources (fast asteroids),
+and the DiaSource trail columns (``measure_trails``).
 
 The model of a source moving at constant rate during the exposure is a uniform segment of
 length L at angle theta, convolved with the PSF. The segment is drawn on a 4x super-sampled
@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy.fft import irfft2, next_fast_len, rfft2
 from scipy.optimize import least_squares
 
-from apqa.datamodel import Psf
+from apqa.datamodel import Exposure, Psf
 from apqa.pipeline.photometry import fit_window
+from apqa.pipeline.sky_geometry import position_angle
 
 _OVERSAMPLE = 4
 
@@ -111,3 +113,65 @@ def fit_trail(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf: 
     return TrailFit(x=float(fit.x[0]), y=float(fit.x[1]), length=float(abs(fit.x[2])),
                     angle=angle_fit, flux=flux, flux_err=float(flux_err), chi2=chi2,
                     ndata=int(ok.sum()))
+
+
+def measure_trails(table: pd.DataFrame, difference: Exposure, usable: np.ndarray,
+                   scale: np.ndarray, snr: np.ndarray, min_elongation: float, min_snr: float,
+                   max_length: float) -> None:
+    """Trail columns of the DiaSource ``table`` (in place): elongated sources (major/minor
+    axis ratio over the PSF's above ``min_elongation``, S/N above ``min_snr``, not dipoles)
+    get a trail fit; footprints longer than ``max_length`` px are satellite streaks, flagged
+    and not fitted. ``scale`` is the local pixel scale (arcsec/px) of each source."""
+    ixx, iyy, ixy = (table[c].to_numpy(np.float64) for c in ("ixx", "iyy", "ixy"))
+    pxx, pyy, pxy = (table[c].to_numpy(np.float64) for c in ("ixxPSF", "iyyPSF", "ixyPSF"))
+
+    def axes(a, b, c):
+        mean, diff = 0.5 * (a + b), np.sqrt(0.25 * (a - b) ** 2 + c**2)
+        return mean + diff, np.maximum(mean - diff, 1e-12)
+
+    major, minor = axes(ixx, iyy, ixy)
+    pmajor, pminor = axes(pxx, pyy, pxy)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        elongation = np.sqrt(major / minor) / np.sqrt(pmajor / pminor)
+    candidates = np.flatnonzero((elongation > min_elongation)
+                                & (snr > min_snr)
+                                & ~table["isDipole"].to_numpy(bool))
+    calib = difference.photo_calib
+    n = len(table)
+    cols = {c: np.full(n, np.nan) for c in (
+        "trailRa", "trailDec", "trailLength", "trailAngle", "trailFlux", "trailFluxErr",
+        "trailChi2")}
+    cols["trailNdata"] = np.zeros(n, np.int64)
+    flag, flag_edge = np.zeros(n, bool), np.zeros(n, bool)
+    height, width = difference.shape
+    for i in candidates:
+        # Moments of a segment of length L convolved with the PSF: major = psf + L^2 / 12.
+        if table.at[i, "bboxSize"] > max_length:
+            flag[i] = True  # a satellite streak (its footprint says how long): not fitted
+            continue
+        length0 = np.sqrt(max(12.0 * (major[i] - pmajor[i]), 1.0)) / scale[i]
+        angle0 = 0.5 * np.arctan2(2 * ixy[i], ixx[i] - iyy[i])
+        x, y = float(table.at[i, "x"]), float(table.at[i, "y"])
+        sign = -1.0 if table.at[i, "isNegative"] else 1.0
+        fit = fit_trail(sign * difference.image, difference.variance, usable, difference.psf,
+                        x, y, length0, angle0)
+        if fit is None:
+            flag[i] = True
+            continue
+        half = 0.5 * fit.length
+        x0, y0 = fit.x - half * np.cos(fit.angle), fit.y - half * np.sin(fit.angle)
+        x1, y1 = fit.x + half * np.cos(fit.angle), fit.y + half * np.sin(fit.angle)
+        ra, dec = difference.pixel_to_sky(np.array([fit.x]), np.array([fit.y]))
+        cols["trailRa"][i], cols["trailDec"][i] = ra[0], dec[0]
+        cols["trailLength"][i] = fit.length * scale[i]
+        cols["trailAngle"][i] = position_angle(difference, np.array([x0]), np.array([y0]),
+                                         np.array([x1]), np.array([y1]))[0] % 180.0
+        cols["trailFlux"][i] = sign * calib.to_njy(fit.flux)
+        cols["trailFluxErr"][i] = calib.to_njy(fit.flux_err)
+        cols["trailChi2"][i] = fit.chi2
+        cols["trailNdata"][i] = fit.ndata
+        flag_edge[i] = (min(x0, x1) < 0 or min(y0, y1) < 0 or max(x0, x1) > width - 1
+                        or max(y0, y1) > height - 1)
+    for name, values in cols.items():
+        table[name] = values
+    table["trail_flag"], table["trail_flag_edge"] = flag, flag_edge
