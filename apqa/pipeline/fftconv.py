@@ -40,3 +40,29 @@ def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarr
         full = sfft.irfft2(fi * fk, s=fast)
         outs.append(full[h:h + image.shape[0], h:h + image.shape[1]].astype(np.float32))
     return outs
+
+
+def centred_kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int],
+                            workers: int | None = None) -> np.ndarray:
+    """``rfft2`` over ``shape`` of an odd-sized ``kernel`` placed with its centre at pixel
+    (0, 0) (wrapped), at about half the cost of the full transform: only the kernel's rows are
+    non-zero, so they alone are transformed along x before the complex transform along y.
+
+    Examples
+    --------
+    >>> k = np.zeros((3, 3)); k[1, 1] = 1.0
+    >>> bool(np.allclose(centred_kernel_spectrum(k, (8, 8)), 1.0))
+    True
+    """
+    size = kernel.shape[0]
+    half = size // 2
+    if size > shape[0] or size > shape[1]:
+        raise ValueError(f"kernel of size {size} does not fit the FFT grid {shape}")
+    rows = np.zeros((size, shape[1]), np.float32)
+    rows[:, :half + 1] = kernel[:, half:]
+    rows[:, shape[1] - half:] = kernel[:, :half]
+    rows_hat = sfft.rfft(rows, axis=1, workers=workers)
+    out = np.zeros((shape[0], rows_hat.shape[1]), np.complex64)
+    out[:half + 1] = rows_hat[half:]
+    out[shape[0] - half:] = rows_hat[:half]
+    return sfft.fft(out, axis=0, workers=workers, overwrite_x=True)

@@ -31,7 +31,7 @@ from apqa.pipeline.diffim.al_kernel import (
 )
 from apqa.pipeline.diffim.prepare import find_bright_sources
 from apqa.pipeline.diffim.warp_resample import noise_transfer
-from apqa.pipeline.fftconv import convolve_full, convolve_same
+from apqa.pipeline.fftconv import centred_kernel_spectrum, convolve_full, convolve_same
 from apqa.pipeline.pixels import grow_square
 
 SIGMA_TO_FWHM = 2.3548
@@ -214,24 +214,6 @@ def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndar
 
 
 
-def _centred_kernel_ft(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rfft2 over ``shape`` of ``kernel`` with its centre at pixel (0, 0) (wrapped).
-
-    Only the kernel's rows are non-zero: they are transformed along x alone, then one complex
-    FFT along y finishes the job (about half of a full 2-d transform of the padded array).
-    """
-    half = kernel.shape[0] // 2
-    rows = np.zeros((kernel.shape[0], shape[1]), np.float32)
-    k = kernel.astype(np.float32)
-    rows[:, :half + 1] = k[:, half:]
-    rows[:, -half:] = k[:, :half]
-    along_x = sfft.rfft(rows, axis=1)
-    padded = np.zeros((shape[0], along_x.shape[1]), np.complex64)
-    padded[:half + 1] = along_x[half:]
-    padded[-half:] = along_x[:half]
-    return sfft.fft(padded, axis=0, overwrite_x=True)
-
-
 def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKernel,
                         u_var: float, c_var: float, decorrelate: bool,
                         warps: tuple[str | None, str | None] = (None, None)) -> np.ndarray:
@@ -251,7 +233,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     shape = (sfft.next_fast_len(height + half, real=True),
              sfft.next_fast_len(width + half, real=True))
     fr = sfft.rfft2(ref, s=shape)
-    fk0 = _centred_kernel_ft(kernel.kernels[0], shape)
+    fk0 = centred_kernel_spectrum(kernel.kernels[0], shape)
     phi = None
     if decorrelate:
         ksum = kernel.ksum
@@ -273,7 +255,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
               ((np.arange(height, dtype=np.float32) - np.float32((height - 1) / 2))
                / np.float32(height / 2))[:, None])
     for term, coord in zip(kernel.kernels[1:], coords, strict=False):
-        product = _centred_kernel_ft(term, shape)
+        product = centred_kernel_spectrum(term, shape)
         product *= fr
         if phi is not None:
             product *= phi

@@ -109,26 +109,6 @@ def _embed_centred(kernel: np.ndarray, shape: tuple[int, int],
     return out
 
 
-def _kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int], workers: int) -> np.ndarray:
-    """``rfft2(_embed_centred(kernel, shape))`` at about half the cost.
-
-    Only the kernel's few rows are non-zero, so the row transforms are done on those alone
-    before the full-length column transforms.
-    """
-    size = kernel.shape[0]
-    half = size // 2
-    if size > shape[0] or size > shape[1]:
-        raise StageError(f"kernel of size {size} does not fit the FFT grid {shape}")
-    rows = np.zeros((size, shape[1]), np.float32)
-    rows[:, :half + 1] = kernel[:, half:]
-    rows[:, shape[1] - half:] = kernel[:, :half]
-    rows_hat = sfft.rfft(rows, axis=1, workers=workers)
-    out = np.zeros((shape[0], rows_hat.shape[1]), np.complex64)
-    out[:half + 1] = rows_hat[half:]
-    out[shape[0] - half:] = rows_hat[:half]
-    return sfft.fft(out, axis=0, workers=workers, overwrite_x=True)
-
-
 def _centred_crop(periodic: np.ndarray, size: int) -> np.ndarray:
     """The inverse of :func:`_embed_centred`: an odd ``size`` kernel centred on its middle."""
     half = size // 2

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import fft as sfft
 
-from apqa.pipeline.diffim.zogy_kernels import _kernel_spectrum, _Kernels, _zogy_kernels
+from apqa.pipeline.diffim.zogy_kernels import _Kernels, _zogy_kernels
 from apqa.pipeline.diffim.zogy_noise import _astrometric_variance
+from apqa.pipeline.fftconv import centred_kernel_spectrum
 
 if TYPE_CHECKING:
     from apqa.pipeline.diffim.zogy import ZogyConfig
@@ -81,7 +82,7 @@ def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf
     height, width = out_shape
 
     def spectrum(kernel: np.ndarray) -> np.ndarray:
-        return _kernel_spectrum(kernel, fshape, workers)
+        return centred_kernel_spectrum(kernel, fshape, workers)
 
     def crop(spec: np.ndarray, overwrite: bool = True) -> np.ndarray:
         return sfft.irfft2(spec, s=fshape, workers=workers,
