@@ -17,7 +17,7 @@ from apqa.pipeline.diffim.zogy_noise import _astrometric_variance
 from apqa.pipeline.fftconv import centred_kernel_spectrum
 
 if TYPE_CHECKING:
-    from apqa.pipeline.diffim.zogy import ZogyConfig
+    from apqa.pipeline.diffim.zogy_types import ZogyConfig
 
 #: Half-width (pixels) of the blending ramps between tiles.
 _TILE_BLEND = 32
