@@ -120,6 +120,9 @@ class DiaDetectionConfig(ConfigModel):
     excluded_planes: tuple[str, ...] = DIA_EXCLUDED_PLANES
     n_sky_sources: int = Field(100, ge=0, description="blank-sky positions for noise checks")
     sky_margin: int = Field(50, ge=0, description="sky sources stay this far (px) from edges")
+    max_deblend_pixels: int = Field(
+        10_000, ge=1, description="footprints larger than this (px above threshold) are not "
+                                  "deblended: streaks and saturated-star residuals")
 
 
 @dataclass
@@ -168,11 +171,54 @@ def psf_matched_snr(image: np.ndarray, variance: np.ndarray, excluded: np.ndarra
 
 def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
              ) -> tuple[np.ndarray, np.ndarray]:
-    sep.set_extract_pixstack(20_000_000)
+    """sep objects and segmentation map of the pixels above ``config.threshold``.
+
+    The above-threshold regions are labelled first (8-connected, as sep does) and sep deblends
+    each region in its own cut-out: difference images are nearly empty, and sep's scan of the
+    whole image cost more than everything it found (~0.4 s per polarity on 2048x4096). Without
+    sep's 'clean' step, which is the only part that looks across regions, the result is the
+    same as one full-image call. Regions of more than ``max_deblend_pixels`` (streaks, residuals
+    of saturated stars) are not deblended.
+    """
+    above = snr > config.threshold
+    above &= ~excluded
+    labels, _ = label(above, structure=np.ones((3, 3), bool))
+    del above
+    segmap = np.zeros(snr.shape, np.int32)
+    parts = []
+    n_found = 0
+    height, width = snr.shape
     sep.set_sub_object_limit(4096)
-    snr = np.ascontiguousarray(snr, np.float32)
-    return sep.extract(snr, config.threshold, mask=excluded, minarea=config.min_area,
-                       filter_kernel=None, deblend_cont=0.005, segmentation_map=True)
+    for k, box in enumerate(find_objects(labels), start=1):
+        if box is None:
+            continue
+        # One pixel of margin: a region's border pixels are below threshold by construction.
+        ys = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, height))
+        xs = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, width))
+        cut = labels[ys, xs]
+        area = int(np.count_nonzero(cut == k))
+        if area < config.min_area:
+            continue
+        sep.set_extract_pixstack(max(cut.size, 1024))
+        objects, seg = sep.extract(
+            np.ascontiguousarray(snr[ys, xs], np.float32), config.threshold,
+            mask=excluded[ys, xs] | ((cut > 0) & (cut != k)), minarea=config.min_area,
+            filter_kernel=None, clean=False, segmentation_map=True,
+            deblend_cont=1.0 if area > config.max_deblend_pixels else 0.005)
+        if len(objects) == 0:
+            continue
+        objects = objects.copy()
+        for name in ("x", "xmin", "xmax", "xpeak", "xcpeak"):
+            objects[name] += xs.start
+        for name in ("y", "ymin", "ymax", "ypeak", "ycpeak"):
+            objects[name] += ys.start
+        inside = seg > 0
+        segmap[ys, xs][inside] = seg[inside] + n_found
+        n_found += len(objects)
+        parts.append(objects)
+    if not parts:
+        return np.zeros(0, sep.extract(np.zeros((3, 3), np.float32), 1.0).dtype), segmap
+    return np.concatenate(parts), segmap
 
 
 def detect_dia_sources(difference: Exposure, config: DiaDetectionConfig | None = None,

@@ -27,18 +27,28 @@ def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarray]:
     """Convolve ``image`` with each odd-sized kernel ('same' size, zero padding), in float32,
-    sharing the image's FFT between the kernels."""
-    k = max(kernel.shape[0] for kernel in kernels)
-    h = k // 2
-    shape = (image.shape[0] + k - 1, image.shape[1] + k - 1)
-    fast = (sfft.next_fast_len(shape[0], real=True), sfft.next_fast_len(shape[1], real=True))
+    sharing the image's FFT between the kernels.
+
+    The kernels' spectra are taken centred on pixel (0, 0) (:func:`centred_kernel_spectrum`),
+    so the grid needs only half a kernel of zero padding and no output shift.
+
+    Examples
+    --------
+    >>> image = np.zeros((5, 6), np.float32); image[2, 3] = 1.0
+    >>> kernel = np.arange(9.0).reshape(3, 3)
+    >>> bool(np.allclose(convolve_same(image, [kernel])[0][1:4, 2:5], kernel, atol=1e-5))
+    True
+    """
+    half = max(kernel.shape[0] for kernel in kernels) // 2
+    fast = (sfft.next_fast_len(image.shape[0] + half, real=True),
+            sfft.next_fast_len(image.shape[1] + half, real=True))
     fi = sfft.rfft2(image.astype(np.float32, copy=False), s=fast)
     outs = []
     for kernel in kernels:
-        pad = (k - kernel.shape[0]) // 2
-        fk = sfft.rfft2(np.pad(kernel.astype(np.float32), pad), s=fast)
-        full = sfft.irfft2(fi * fk, s=fast)
-        outs.append(full[h:h + image.shape[0], h:h + image.shape[1]].astype(np.float32))
+        product = centred_kernel_spectrum(kernel.astype(np.float32), fast)
+        product *= fi
+        full = sfft.irfft2(product, s=fast, overwrite_x=True)
+        outs.append(full[:image.shape[0], :image.shape[1]].astype(np.float32))
     return outs
 
 
