@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,27 @@ def timed_run(out: Path, *args: str) -> dict:
             "driver_peak_rss_gb": rss * 1024 / 1e9, "units": units}
 
 
+def one_core(out: Path) -> None:
+    """The issue's per-unit target: one 2048x4096 visit-detector with 200 fakes, in process, on
+    one core (taskset, one BLAS/FFT thread), end to end: the unit's stages after loading its
+    raw input (simulated here), then the driver's association + APDB + alerts, metrics, store.
+    """
+    cmd = ["taskset", "-c", "0", str(Path(sys.executable).parent / "apqa"), "inject-and-run",
+           "--visits", "1", "--detectors", "1", "--n-fakes", "200", "--out", str(out),
+           "--db", str(out.parent / f"{out.name}.db"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    (unit,) = [json.loads(p.read_text()) for p in out.glob("units/*/unit.json")]
+    driver = json.loads((out / "run.json").read_text())["stages"]
+    stages = {k: v for k, v in unit["timings"].items() if k != "load"}
+    stages.update({k: driver[k] for k in ("associate", "metrics", "store")})
+    print(f"one unit on one core: load (simulate the raw) {unit['timings']['load']:.2f} s, then "
+          + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+          + f"; end to end after load {sum(stages.values()):.2f} s (target <= 10 s), "
+          f"unit peak RSS {unit['peak_rss_bytes'] / 1e9:.2f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--units", type=int, default=16, help="visit-detectors for scaling")
@@ -46,6 +68,8 @@ def main() -> None:
     print("one 2048x4096 unit, stages (s): " + ", ".join(
         f"{k} {v:.2f}" for k, v in unit["timings"].items())
         + f"; unit wall {unit['wall']:.1f} s, cpu {unit['cpu']:.1f} s")
+
+    one_core(root / "one_core")
 
     visits = max(1, args.units // 2)
     results = {}

@@ -139,21 +139,28 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
     ys, xs = np.nonzero(_excess(work) > config.min_sigma * min_noise)
     ys, xs = judged(ys, xs)
     crs = np.zeros(image.shape, bool)
+    # The pixels found so far, as coordinates: a full-image np.nonzero per pass cost more
+    # than the rest of the pass.
+    cy, cx = np.zeros(0, np.intp), np.zeros(0, np.intp)
     for _ in range(config.n_iterations - 1):
         if ys.size == 0:
             break
         crs[ys, xs] = True
+        cy, cx = np.concatenate([cy, ys]), np.concatenate([cx, xs])
         # Fill the pixels found so far, so the next pass sees the rest of each track; only
         # the four neighbours of filled pixels change their excess.
-        cy, cx = np.nonzero(crs)
         fill_from_neighbours(image, crs | excluded, work, cy, cx)
         ny, nx = _neighbours(cy, cx, _CROSS, image.shape)
         fresh = ~crs[ny, nx] & ~excluded[ny, nx]
-        ys, xs = judged(ny[fresh], nx[fresh])
+        # Two found pixels can share a neighbour: judge (and record) each pixel once.
+        ys, xs = np.unravel_index(np.unique(np.ravel_multi_index(
+            (ny[fresh], nx[fresh]), image.shape)), image.shape)
+        ys, xs = judged(ys, xs)
     crs[ys, xs] = True
-    if crs.any():
+    cy, cx = np.concatenate([cy, ys]), np.concatenate([cx, xs])
+    if cy.size:
         # 4-neighbours of cosmic-ray pixels that are clearly above the sky join them.
-        ny, nx = _neighbours(*np.nonzero(crs), _CROSS, image.shape)
+        ny, nx = _neighbours(cy, cx, _CROSS, image.shape)
         grow = ~crs[ny, nx] & ~excluded[ny, nx] & (
             image[ny, nx] - floor[ny, nx] > config.grow_sigma * np.sqrt(variance[ny, nx]))
         crs[ny[grow], nx[grow]] = True

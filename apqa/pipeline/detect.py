@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import binary_dilation, find_objects, gaussian_filter, label
+from scipy.ndimage import find_objects, gaussian_filter, label, maximum_filter1d
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
@@ -271,21 +271,50 @@ def _disk(radius: int) -> np.ndarray:
     return (off[:, None] ** 2 + off[None, :] ** 2) <= radius**2 + 0.5
 
 
+def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
+    """Half-widths (x, y) of rectangles whose union is :func:`_disk` of ``radius``."""
+    rects: dict[int, int] = {}
+    for dy in range(radius + 1):
+        half_x = int(np.floor(np.sqrt(radius**2 + 0.5 - dy**2)))
+        rects[half_x] = dy  # the tallest rectangle of each width
+    return sorted(rects.items())
+
+
+def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of ``mask`` by :func:`_disk` of ``radius`` (zero outside the array).
+
+    The disk is a union of a few rectangles and a rectangle is two 1-d running maxima, so
+    this costs a few passes over the pixels instead of one per disk pixel.
+
+    Examples
+    --------
+    >>> m = np.zeros((7, 7), bool); m[3, 3] = True
+    >>> bool((dilate_disk(m, 2)[1:6, 1:6] == _disk(2)).all()), int(dilate_disk(m, 2).sum())
+    (True, 13)
+    """
+    values = mask.view(np.uint8)
+    out = np.zeros(mask.shape, bool)
+    for half_x, half_y in _disk_rectangles(radius):
+        grown = maximum_filter1d(values, 2 * half_x + 1, axis=1, mode="constant")
+        grown = maximum_filter1d(grown, 2 * half_y + 1, axis=0, mode="constant")
+        out |= grown.view(bool)
+    return out
+
+
 def grow_footprints(labels: np.ndarray, radius: int) -> np.ndarray:
     """Footprints (labels > 0) grown by a disk of ``radius`` pixels, as a boolean map.
 
     Each footprint is grown inside its own padded bounding box, so the cost follows the
-    footprints' area, not the image's (a full-image dilation costs ~1 s on 2048x4096).
+    footprints' area, not the image's.
     """
     out = np.zeros(labels.shape, bool)
-    structure = _disk(radius)
     height, width = labels.shape
     for box in find_objects(labels):
         if box is None:
             continue
         ys = slice(max(box[0].start - radius, 0), min(box[0].stop + radius, height))
         xs = slice(max(box[1].start - radius, 0), min(box[1].stop + radius, width))
-        out[ys, xs] |= binary_dilation(labels[ys, xs] > 0, structure)
+        out[ys, xs] |= dilate_disk(labels[ys, xs] > 0, radius)
     return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import maximum_filter1d
 
 from apqa.config import ConfigModel
 from apqa.datamodel import DetectorInfo, Exposure
@@ -126,8 +126,9 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
     if is_raw:
         saturated |= raw.image >= ADC_MAX
     if config.bleed_grow and saturated.any():
-        saturated = binary_dilation(saturated, structure=np.ones((3, 1), bool),
-                                    iterations=config.bleed_grow)
+        # n vertical 3-pixel dilations = one running maximum over 2 n + 1 rows.
+        saturated = maximum_filter1d(saturated.view(np.uint8), 2 * config.bleed_grow + 1,
+                                     axis=0, mode="constant").view(bool)
     mask.set("SAT", saturated)
 
     bad = np.zeros(raw.shape, bool)

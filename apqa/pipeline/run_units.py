@@ -145,9 +145,11 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
                          f"{template['error']}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    inputs = source.load(visit, detector)
-    template_exp = Exposure.from_fits(template["path"])
+    inputs = source.load(visit, detector)  # simulated, for the embedded datasets
     timings["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    template_exp = Exposure.from_fits(template["path"])
+    timings["read_template"] = time.perf_counter() - start
     single = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
                               source.refcat(), config.single_visit)
     timings.update(single.timings)
