@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from apqa import __version__
+from apqa.allocator import tune_allocator
 from apqa.errors import ApqaError
 from apqa.log import configure_logging
 
@@ -77,6 +78,7 @@ def main() -> None:
     Only the module of the command asked for is imported (start-up time matters for quick
     commands such as ``apqa diff``); help and unknown commands load them all.
     """
+    tune_allocator()
     words = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
     module = COMMAND_MODULES.get(words[0]) if words else None
     if module is None:

@@ -291,7 +291,8 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     header = hdul[0].header.copy()
     if hdu is not hdul[0]:
         header.update(hdu.header)  # image-HDU cards take precedence
-    data = np.asarray(hdu.data, dtype=np.float32)
+    # Our own native-endian copy (FITS data are big-endian): zeroed in place below.
+    data = np.array(hdu.data, dtype=np.float32)
     finite = np.isfinite(data)
     if not finite.any():
         raise InputError(f"{source}: image has no finite pixels (all NaN or inf)")
@@ -308,7 +309,9 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
 
     mask = Mask.zeros(data.shape)
     mask.set("NO_DATA", ~finite)
-    image = np.where(finite, data, 0.0).astype(np.float32)
+    image = data
+    if not finite.all():
+        image[~finite] = 0.0
     if saturate is not None:
         mask.set("SAT", image >= saturate)
     valid = finite & ~mask.is_set("SAT")
@@ -316,7 +319,11 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     # Sky noise from the pixels (right for sky-subtracted images too), source Poisson from gain.
     variance = np.full(data.shape, sky_var, dtype=np.float32)
     if gain is not None:
-        variance += np.clip(image - sky_level, 0, None) / gain
+        source_counts = image - np.float32(sky_level)
+        np.clip(source_counts, 0, None, out=source_counts)
+        source_counts *= np.float32(1.0 / gain)
+        variance += source_counts
+        del source_counts
     variance[~finite] = np.inf
 
     metadata = fits.Header()

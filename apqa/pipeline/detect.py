@@ -83,6 +83,16 @@ def stamp_moments(stamps: np.ndarray, x_offset: np.ndarray, y_offset: np.ndarray
     return ixx, iyy, ixy
 
 
+def size_pixel_stack(n_above: int) -> None:
+    """Give sep's extraction a pixel stack for ``n_above`` pixels above threshold.
+
+    sep allocates the whole stack on every call: its usual 20-million-pixel setting cost
+    0.36 s per call, ten times the extraction itself on a 2-million-pixel image. A stack that
+    is too small makes sep raise, never return a partial result.
+    """
+    sep.set_extract_pixstack(max(int(n_above) + 1024, 16_384))
+
+
 def detect_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, fwhm: float,
                    threshold: float = 5.0, min_area: int = 5, deblend_contrast: float = 0.005,
                    ) -> tuple[pd.DataFrame, np.ndarray]:
@@ -91,7 +101,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, 
     Returns a catalog (x, y, peak_snr, npix, sep_flag, blended) and the segmentation map.
     """
     snr = matched_filter_snr(image, variance, masked, fwhm)
-    sep.set_extract_pixstack(20_000_000)
+    size_pixel_stack(np.count_nonzero((snr > threshold) & ~masked))
     sep.set_sub_object_limit(4096)
     objects, segmap = sep.extract(snr, threshold, mask=masked, minarea=min_area,
                                   filter_kernel=None, deblend_cont=deblend_contrast,
@@ -199,12 +209,13 @@ def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
         area = int(np.count_nonzero(cut == k))
         if area < config.min_area:
             continue
-        sep.set_extract_pixstack(max(cut.size, 1024))
+        size_pixel_stack(area)
         objects, seg = sep.extract(
             np.ascontiguousarray(snr[ys, xs], np.float32), config.threshold,
             mask=excluded[ys, xs] | ((cut > 0) & (cut != k)), minarea=config.min_area,
             filter_kernel=None, clean=False, segmentation_map=True,
-            deblend_cont=1.0 if area > config.max_deblend_pixels else 0.005)
+            **({"deblend_nthresh": 1, "deblend_cont": 1.0} if area > config.max_deblend_pixels
+               else {"deblend_cont": 0.005}))
         if len(objects) == 0:
             continue
         objects = objects.copy()

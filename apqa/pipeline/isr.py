@@ -19,6 +19,7 @@ from apqa.datamodel import DetectorInfo, Exposure
 from apqa.errors import InputError
 from apqa.log import get_logger
 from apqa.pipeline.cosmic_rays import CosmicRayConfig, count_cosmic_rays, detect_cosmic_rays
+from apqa.pipeline.detect import size_pixel_stack
 from apqa.pipeline.interpolate import interpolate_masked
 
 log = get_logger(__name__)
@@ -62,7 +63,7 @@ def estimate_fwhm(image: np.ndarray, mask: np.ndarray) -> float:
     mask = np.ascontiguousarray(mask)
     bkg = sep.Background(data, mask=mask)
     sub = data - bkg.back()
-    sep.set_extract_pixstack(2_000_000)
+    size_pixel_stack(np.count_nonzero((sub > 20.0 * bkg.globalrms) & ~mask))
     objects = sep.extract(sub, 20.0, err=bkg.globalrms, mask=mask, minarea=9)
     if len(objects) < 3:
         return float("nan")

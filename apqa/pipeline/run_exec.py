@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from apqa.allocator import tune_allocator
 from apqa.errors import InputError
 from apqa.pipeline.run_data import DatasetSource
 from apqa.pipeline.run_units import InjectRunConfig, run_template, run_unit
@@ -60,6 +61,9 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
         with LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=40) as cluster, \
                 Client(cluster) as client:
+            # Our own worker processes get the command's allocator settings (apqa.allocator);
+            # an existing cluster's workers are left as their owner set them up.
+            client.run(tune_allocator)
             return _on_dask(client, plan, on_unit)
     try:
         client = Client(scheduler, timeout="10s")

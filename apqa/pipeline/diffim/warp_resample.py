@@ -152,7 +152,7 @@ class _Resampler:
         del fu, fv
 
         t = self.n_taps
-        wx = [self.weight_pairs[i].take(phase_x).view(np.float32) for i in range(t)]
+        wx = [self.weight_pairs[i].take(phase_x, mode="clip").view(np.float32) for i in range(t)]
         total = np.zeros(2 * n, np.float32)
         row = np.empty(2 * n, np.float32)
         gathered = np.empty(n, np.complex64)
@@ -168,40 +168,41 @@ class _Resampler:
                 np.take(views[j * t + i], base, out=gathered, mode="clip")
                 flat *= wx[i]
                 row += flat
-            np.take(self.weight_pairs[j], phase_y, out=weight_y)
+            np.take(self.weight_pairs[j], phase_y, out=weight_y, mode="clip")
             row *= weight_y.view(np.float32)
             total += row
         del wx, row, gathered
 
         image, variance = total[0::2], total[1::2]
-        mask = self.mask.take(base)  # right wherever the footprint is uniform
+        mask = self.mask.take(base, mode="clip")  # right wherever the footprint is uniform
         mask_views = self._tap_views(self.mask)
-        todo = np.flatnonzero(self.mixed.take(base))
+        todo = np.flatnonzero(self.mixed.take(base, mode="clip"))
         if todo.size:
             sub = base[todo]
-            abs_x = [np.abs(self.weights[i].take(phase_x[todo])) for i in range(t)]
+            abs_x = [np.abs(self.weights[i].take(phase_x[todo], mode="clip")) for i in range(t)]
             bits = np.zeros(todo.size, np.int32)
             for j in range(t):
                 # |wx wy| > threshold  <=>  |wx| > threshold / |wy|
                 limit = self.threshold / np.maximum(
-                    np.abs(self.weights[j].take(phase_y[todo])), np.float32(1e-30))
+                    np.abs(self.weights[j].take(phase_y[todo], mode="clip")), np.float32(1e-30))
                 for i in range(t):
-                    value = mask_views[j * t + i].take(sub)
+                    value = mask_views[j * t + i].take(sub, mode="clip")
                     value *= abs_x[i] > limit
                     bits |= value
             mask[todo] = bits
         mask[outside] = self.no_data
         # Renormalize over the pixels actually used where negligible weights fell on NO_DATA
         # (zeroed) pixels, so that a flat template stays flat up to the edge of the coverage.
-        edge = np.flatnonzero(self.near_no_data.take(base) & ((mask & self.no_data) == 0))
+        edge = np.flatnonzero(self.near_no_data.take(base, mode="clip")
+                              & ((mask & self.no_data) == 0))
         if edge.size:
             sub = base[edge]
-            wxs = [self.weights[i].take(phase_x[edge]) for i in range(t)]
+            wxs = [self.weights[i].take(phase_x[edge], mode="clip") for i in range(t)]
             lost = np.zeros(edge.size, np.float32)
             for j in range(t):
-                wy = self.weights[j].take(phase_y[edge])
+                wy = self.weights[j].take(phase_y[edge], mode="clip")
                 for i in range(t):
-                    hit = (mask_views[j * t + i].take(sub) & self.no_data) != 0
+                    hit = (mask_views[j * t + i].take(sub, mode="clip") & self.no_data) != 0
                     lost += np.where(hit, wxs[i] * wy, np.float32(0.0))
             scale = 1.0 / (1.0 - lost)
             image[edge] *= scale
