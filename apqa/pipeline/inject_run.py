@@ -22,7 +22,7 @@ from apqa.config import config_hash
 from apqa.errors import InputError
 from apqa.metrics.registry import Measurement
 from apqa.pipeline.run_data import DatasetSource
-from apqa.pipeline.run_driver import associate_run, run_metrics, runtime_records, timed
+from apqa.pipeline.run_driver import RunAssociator, run_metrics, runtime_records, timed
 from apqa.pipeline.run_exec import Plan, check_scheduler, execute
 from apqa.pipeline.run_layout import write_json
 from apqa.pipeline.run_units import InjectRunConfig, unit_seed
@@ -107,17 +107,23 @@ def inject_and_run(opts: RunOptions, on_start: Callable[[int], None] | None = No
     notify("units")
     t = time.perf_counter()
     plan = Plan(source, opts.config, opts.seed, str(out), templates, units, opts.resume)
-    template_records, records = execute(plan, scheduler, on_unit or (lambda _: None))
-    timed(stages, "units", t)
+    if opts.apdb is None:  # the run's own APDB is rebuilt in visit order every time
+        default_apdb.unlink(missing_ok=True)
+    show_unit = on_unit or (lambda _: None)
+
+    def finished(record: dict) -> None:
+        show_unit(record)
+        associator.offer(record)  # associates it (and any units it unblocked) in time order
+
+    with RunAssociator(out, units, apdb_url, opts.config) as associator:
+        template_records, records = execute(plan, scheduler, finished)
+        timed(stages, "units", t)
+    # Association ran while later units were still running: its own time, overlapped.
+    stages["associate"] = associator.seconds
+    totals = associator.totals
 
     report = RunReport(out, records, template_records, [], stages, scheduler, apdb_url)
     if any(r["status"] in ("done", "skipped") for r in records):
-        notify("associate")
-        t = time.perf_counter()
-        if opts.apdb is None:  # the run's own APDB is rebuilt in visit order every time
-            default_apdb.unlink(missing_ok=True)
-        totals = associate_run(out, records, apdb_url, opts.config)
-        timed(stages, "associate", t)
         notify("metrics")
         t = time.perf_counter()
         tags = {"dataset": source.name, "algorithm": opts.config.run.diff.algorithm}

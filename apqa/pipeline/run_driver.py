@@ -1,5 +1,6 @@
-"""The serial end of ``apqa inject-and-run``, in the driver process: association, APDB and
-alerts in visit order, then metrics, the metric store, the gate and ``run.json``.
+"""The serial part of ``apqa inject-and-run``, in the driver process: association, APDB and
+alerts in visit order (while later units still run), then metrics, the metric store, the gate
+and ``run.json``.
 
 Association reads each finished unit's outputs (DiaSources, difference, science and warped
 template images), so it works the same whichever process ran the unit.
@@ -49,45 +50,94 @@ def _footprint(exposure: Exposure) -> tuple[float, float, float]:
     return float(ra[0]), float(dec[0]), float(np.degrees(np.arccos(np.clip(cos, -1, 1))).max())
 
 
-def associate_run(out: Path, records: list[dict], apdb_url: str,
-                  config: InjectRunConfig) -> AssociationTotals:
-    """Associate every finished unit in time order, store it in the APDB, write its alerts."""
-    totals = AssociationTotals()
-    writer = AlertWriter(out / "alerts")
-    with Apdb.create(apdb_url) as apdb:
-        for rec in sorted((r for r in records if r["status"] in OK),
-                          key=lambda r: (r["mjd"], r["visit"], r["detector"])):
-            visit, det = rec["visit"], rec["detector"]
-            folder = unit_dir(out, visit, det)
-            dia = pd.read_parquet(folder / "diaSources.parquet")
-            difference = Exposure.from_fits(folder / "difference.fits")
-            science = Exposure.from_fits(folder / "science.fits")
-            template = Exposure.from_fits(folder / "template.fits")
-            objects, history = apdb.read_region(_footprint(difference), before_mjd=rec["mjd"])
-            result = associate(dia, objects, config.association, history=history)
-            updated = set(result.dia_objects["diaObjectId"].tolist())
-            footprint = pd.concat([result.dia_objects,
-                                   objects[~objects["diaObjectId"].isin(updated)]],
-                                  ignore_index=True)
-            forced = forced_photometry(footprint, difference, science, visit, det)
-            forced_history = apdb.read_forced_sources(objects["diaObjectId"],
-                                                      before_mjd=rec["mjd"])
-            apdb.store_visit(visit, det, result.dia_sources, result.dia_objects, forced)
-            batch = build_alerts(result.dia_sources, result.dia_objects, difference, science,
-                                 template, history=history, forced_history=forced_history,
-                                 config=config.alerts)
-            stats = writer.write(visit, det, batch)
-            totals.n_alerts += stats.n_alerts
-            totals.alert_bytes += stats.total_bytes
-            totals.per_visit.append({"visit": visit, "detector": det,
-                                     "numSciSources": rec["n_sci_sources"],
-                                     **{k: result.counts[k] for k in (
-                                         "numDiaSources", "numNewDiaObjects",
-                                         "numUpdatedDiaObjects",
-                                         "numUnassociatedDiaObjects")}})
-        totals.dia_objects = apdb.read_dia_objects()
-        totals.apdb_counts = apdb.counts()
-    return totals
+class RunAssociator:
+    """Association, APDB and alerts of a run's units in time order, as the units finish.
+
+    Units are offered in whatever order they finish; each is associated as soon as every unit
+    before it in the plan (time order) has finished, so association overlaps the units still
+    running instead of following them all. Use as a context manager; :attr:`totals` holds
+    what was done.
+
+    Examples
+    --------
+    >>> with RunAssociator(out, plan_units, "apdb.sqlite", config) as run:  # doctest: +SKIP
+    ...     for record in finished_units:
+    ...         run.offer(record)
+    >>> run.totals.n_alerts  # doctest: +SKIP
+    """
+
+    def __init__(self, out: Path, units: list[tuple[int, int, float]], apdb_url: str,
+                 config: InjectRunConfig) -> None:
+        self.out = out
+        self.config = config
+        self.order = [(visit, det) for visit, det, _ in units]  # the plan's time order
+        self.pending: dict[tuple[int, int], dict] = {}
+        self.next = 0
+        self.seconds = 0.0
+        self.totals = AssociationTotals()
+        self.writer = AlertWriter(out / "alerts")
+        self.apdb_url = apdb_url
+        self.apdb: Apdb | None = None
+
+    def __enter__(self) -> RunAssociator:
+        self.apdb = Apdb.create(self.apdb_url).__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.apdb is not None
+        try:
+            if exc_info[0] is None:
+                self.totals.dia_objects = self.apdb.read_dia_objects()
+                self.totals.apdb_counts = self.apdb.counts()
+        finally:
+            self.apdb.__exit__(*exc_info)
+
+    @property
+    def waiting(self) -> int:
+        """Finished units not yet associated (an earlier unit is still running)."""
+        return len(self.pending)
+
+    def offer(self, record: dict) -> None:
+        """Take a finished unit's record; associate every unit now ready, in time order."""
+        self.pending[(record["visit"], record["detector"])] = record
+        start = time.perf_counter()
+        while self.next < len(self.order) and self.order[self.next] in self.pending:
+            ready = self.pending.pop(self.order[self.next])
+            if ready["status"] in OK:
+                self._associate(ready)
+            self.next += 1
+        self.seconds += time.perf_counter() - start
+
+    def _associate(self, rec: dict) -> None:
+        assert self.apdb is not None
+        apdb, config, totals = self.apdb, self.config, self.totals
+        visit, det = rec["visit"], rec["detector"]
+        folder = unit_dir(self.out, visit, det)
+        dia = pd.read_parquet(folder / "diaSources.parquet")
+        difference = Exposure.from_fits(folder / "difference.fits")
+        science = Exposure.from_fits(folder / "science.fits")
+        template = Exposure.from_fits(folder / "template.fits")
+        objects, history = apdb.read_region(_footprint(difference), before_mjd=rec["mjd"])
+        result = associate(dia, objects, config.association, history=history)
+        updated = set(result.dia_objects["diaObjectId"].tolist())
+        footprint = pd.concat([result.dia_objects,
+                               objects[~objects["diaObjectId"].isin(updated)]],
+                              ignore_index=True)
+        forced = forced_photometry(footprint, difference, science, visit, det)
+        forced_history = apdb.read_forced_sources(objects["diaObjectId"],
+                                                  before_mjd=rec["mjd"])
+        apdb.store_visit(visit, det, result.dia_sources, result.dia_objects, forced)
+        batch = build_alerts(result.dia_sources, result.dia_objects, difference, science,
+                             template, history=history, forced_history=forced_history,
+                             config=config.alerts)
+        stats = self.writer.write(visit, det, batch)
+        totals.n_alerts += stats.n_alerts
+        totals.alert_bytes += stats.total_bytes
+        totals.per_visit.append({"visit": visit, "detector": det,
+                                 "numSciSources": rec["n_sci_sources"],
+                                 **{k: result.counts[k] for k in (
+                                     "numDiaSources", "numNewDiaObjects",
+                                     "numUpdatedDiaObjects", "numUnassociatedDiaObjects")}})
 
 
 def runtime_records(records: list[dict], stages: dict[str, float]) -> dict[str, dict]:

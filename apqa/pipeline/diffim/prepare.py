@@ -128,24 +128,31 @@ def _centroids(image: np.ndarray, masked: np.ndarray, x: np.ndarray, y: np.ndarr
                sigma: float, iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-windowed centroids (the window follows the source; steps of at most 1 px).
 
-    The window is separable, so each sum is two small matrix products per source.
+    The pixels are gathered once, with a margin for the steps; each pass weights them with the
+    separable window truncated to its current box (two small matrix products per source).
     """
     half = max(3, int(np.ceil(3 * sigma)))
-    off = np.arange(-half, half + 1)
+    margin = iterations - 1  # the window's box moves at most 1 px per pass before the last
+    off = np.arange(-half - margin, half + margin + 1)
     height, width = image.shape
     x, y = x.astype(np.float64), y.astype(np.float64)
+    ix0, iy0 = np.rint(x).astype(int), np.rint(y).astype(int)
+    wy = np.clip(iy0[:, None] + off[None, :], 0, height - 1)
+    wx = np.clip(ix0[:, None] + off[None, :], 0, width - 1)
+    box = np.where(masked[wy[:, :, None], wx[:, None, :]], np.float32(0),
+                   image[wy[:, :, None], wx[:, None, :]])
+    cols = (ix0[:, None] + off[None, :]).astype(np.float64)  # pixel coordinates of the box
+    rows_y = (iy0[:, None] + off[None, :]).astype(np.float64)
     for _ in range(iterations):
-        ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-        wy = np.clip(iy[:, None] + off[None, :], 0, height - 1)
-        wx = np.clip(ix[:, None] + off[None, :], 0, width - 1)
-        box = np.where(masked[wy[:, :, None], wx[:, None, :]], np.float32(0),
-                       image[wy[:, :, None], wx[:, None, :]])
-        dx = (ix - x)[:, None] + off[None, :]
-        dy = (iy - y)[:, None] + off[None, :]
-        gx = np.exp(-dx**2 / (2 * sigma**2))
-        gy = np.exp(-dy**2 / (2 * sigma**2))
+        ix, iy = np.rint(x), np.rint(y)
+        dx = cols - x[:, None]
+        dy = rows_y - y[:, None]
+        inside_x = np.abs(cols - ix[:, None]) <= half
+        inside_y = np.abs(rows_y - iy[:, None]) <= half
+        gx = np.where(inside_x, np.exp(-dx**2 / (2 * sigma**2)), 0.0)
+        gy = np.where(inside_y, np.exp(-dy**2 / (2 * sigma**2)), 0.0)
         # Window over x for each row (batched matrix products), then over y.
-        rows = np.matmul(box, np.stack([gx, gx * dx], axis=2).astype(np.float32))  # (n, k, 2)
+        rows = np.matmul(box, np.stack([gx, gx * dx], axis=2).astype(np.float32))  # (n, K, 2)
         total = (rows[:, :, 0] * gy).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             # A windowed centroid moves half as far as the offset for a matched window.

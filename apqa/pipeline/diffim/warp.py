@@ -46,10 +46,12 @@ Examples
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
+import scipy.fft
 from astropy.wcs import WCS
 from pydantic import Field
 
@@ -107,6 +109,10 @@ class WarpConfig(ConfigModel):
     chunk_pixels: int = Field(
         65_536, ge=1_024,
         description="output pixels resampled at once (whole rows); bounds the working memory")
+    workers: int | None = Field(
+        None, ge=1, description="threads resampling row chunks side by side (numpy's gathers "
+                                "release the GIL); None: the command's thread budget, "
+                                "scipy.fft.get_workers() (one thread unless a command raised it)")
 
 
 @dataclass
@@ -199,7 +205,8 @@ def warp_exposure(template: Exposure, wcs: WCS, shape: tuple[int, int],
     mask = np.empty((height, width), np.int32)
     rows_per_chunk = max(1, config.chunk_pixels // width)
     eval_u, eval_v, eval_det = mapping.row_evaluators(width)
-    for y0 in range(0, height, rows_per_chunk):
+
+    def resample_rows(y0: int) -> None:
         y1 = min(height, y0 + rows_per_chunk)
         rows = np.arange(y0, y1, dtype=float)
         u, v = eval_u(rows).ravel(), eval_v(rows).ravel()
@@ -215,6 +222,16 @@ def warp_exposure(template: Exposure, wcs: WCS, shape: tuple[int, int],
         image[y0:y1] = img.reshape(y1 - y0, width)
         variance[y0:y1] = var.reshape(y1 - y0, width)
         mask[y0:y1] = msk.reshape(y1 - y0, width)
+
+    starts = range(0, height, rows_per_chunk)
+    workers = config.workers or scipy.fft.get_workers()
+    if workers > 1:
+        # Chunks write disjoint rows of the outputs; the resampler is only read.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(resample_rows, starts))
+    else:
+        for y0 in starts:
+            resample_rows(y0)
 
     coverage = float(1.0 - np.count_nonzero(mask & resampler.no_data) / mask.size)
     log.debug("warp: %dx%d in %.2f s, grid step %d px (mapping error %.4f px), coverage %.3f",
