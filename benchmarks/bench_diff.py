@@ -13,6 +13,7 @@ Run:  python benchmarks/bench_diff.py [--size 4096]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -84,6 +85,15 @@ def main() -> None:
                                        "--algorithm", algorithm])
             print(f"{args.size}x{args.size} aligned, {algorithm}: {wall:.2f} s wall, "
                   f"peak RSS {rss:.2f} GB")
+        # The same AL run with the platform's allocator defaults (see apqa.allocator).
+        os.environ["APQA_TUNE_ALLOCATOR"] = "0"
+        try:
+            wall, rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
+                                       str(tpl), "--out", str(folder / "d_default.fits")])
+        finally:
+            del os.environ["APQA_TUNE_ALLOCATOR"]
+        print(f"{args.size}x{args.size} aligned, al, allocator defaults: {wall:.2f} s wall, "
+              f"peak RSS {rss:.2f} GB")
         base = _fft_baseline(args.size, args.size)
         print(f"  baseline fftconvolve {args.size}x{args.size} with 21x21: {base:.2f} s")
         sci, tpl = _write_pair(folder, 4096, 2048, (3.3, -2.7), seed=1)
