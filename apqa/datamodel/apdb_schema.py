@@ -190,6 +190,9 @@ def conform(frame: pd.DataFrame, name: str, *, source: str = "table") -> pd.Data
                 f"{source}: {name} column {col.name!r} is NOT NULL but has "
                 f"{int(values.isna().sum())} missing values"
             )
+        if values.dtype == col.dtype:  # already right (e.g. read back from the APDB)
+            columns[col.name] = values
+            continue
         try:
             columns[col.name] = values.astype(col.dtype)
         except (TypeError, ValueError) as exc:

@@ -10,7 +10,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from apqa.datamodel.mask import Mask
+from apqa.datamodel.mask import Mask, stored_pixels
 from apqa.datamodel.photocalib import PhotoCalib
 from apqa.datamodel.psf import Psf
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
@@ -53,8 +53,8 @@ class Exposure:
     metadata: fits.Header = field(default_factory=fits.Header)
 
     def __post_init__(self) -> None:
-        self.image = np.asarray(self.image, dtype=np.float32)
-        self.variance = np.asarray(self.variance, dtype=np.float32)
+        self.image = stored_pixels(self.image, np.float32)
+        self.variance = stored_pixels(self.variance, np.float32)
         if self.image.ndim != 2:
             raise InputError(f"image: expected a 2-d array, got shape {self.image.shape}")
         if self.variance.shape != self.image.shape:
@@ -110,11 +110,13 @@ class Exposure:
         return write_exposure(self, path, overwrite=overwrite)
 
     @classmethod
-    def from_fits(cls, path: str | Path, require_wcs: bool = True) -> Exposure:
+    def from_fits(cls, path: str | Path, require_wcs: bool = True, lazy: bool = False
+                  ) -> Exposure:
         """Read an apqa exposure or a plain single-HDU FITS image.
 
-        See :func:`apqa.datamodel.fits_io.read_exposure` for the header keywords used.
+        See :func:`apqa.datamodel.fits_io.read_exposure` for the header keywords used and
+        for ``lazy`` (memory-mapped, read-only planes).
         """
         from apqa.datamodel.fits_io import read_exposure
 
-        return read_exposure(path, require_wcs=require_wcs)
+        return read_exposure(path, require_wcs=require_wcs, lazy=lazy)

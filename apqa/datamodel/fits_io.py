@@ -351,7 +351,8 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     )
 
 
-def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
+def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool, lazy: bool = False
+               ) -> Exposure:
     names = [h.name for h in hdul]
     for needed in ("IMAGE", "MASK", "VARIANCE"):
         if needed not in names:
@@ -360,6 +361,10 @@ def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     image = np.asarray(hdul["IMAGE"].data)
     variance = np.asarray(hdul["VARIANCE"].data)
     mask_array = np.asarray(hdul["MASK"].data)
+    if lazy:
+        # Read-only views of the mapped file: Exposure and Mask keep them as they are.
+        for plane in (image, variance, mask_array):
+            plane.flags.writeable = False
     for name, array in (("IMAGE", image), ("VARIANCE", variance), ("MASK", mask_array)):
         if array.ndim != 2:
             raise InputError(f"{source}: HDU '{name}': expected a 2-d array, got {array.shape}")
@@ -401,7 +406,7 @@ def _read_apqa(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     )
 
 
-def read_exposure(path: str | Path, require_wcs: bool = True) -> Exposure:
+def read_exposure(path: str | Path, require_wcs: bool = True, lazy: bool = False) -> Exposure:
     """Read an exposure from FITS.
 
     Parameters
@@ -411,6 +416,11 @@ def read_exposure(path: str | Path, require_wcs: bool = True) -> Exposure:
         (first HDU with 2-d data).
     require_wcs
         Raise :class:`~apqa.errors.InputError` when there is no celestial WCS.
+    lazy
+        For apqa files: keep the pixel planes memory-mapped, read-only and big-endian as
+        stored, so that only the pixels used are read (cut-outs, photometry at a few
+        positions). Such planes cannot be changed in place, and C extensions that need native
+        byte order (sep) cannot take them. Plain FITS images are always read whole.
 
     Notes
     -----
@@ -426,7 +436,7 @@ def read_exposure(path: str | Path, require_wcs: bool = True) -> Exposure:
     if not path.is_file():
         raise InputError(f"{source}: file not found")
     try:
-        hdul = fits.open(path, memmap=False)
+        hdul = fits.open(path, memmap=lazy)
     except OSError as exc:
         raise InputError(f"{source}: not a readable FITS file ({exc})") from None
     with hdul:
@@ -437,9 +447,10 @@ def read_exposure(path: str | Path, require_wcs: bool = True) -> Exposure:
                     f"{source}: APQAFMT={version} is newer than this apqa reads "
                     f"({FORMAT_VERSION}); upgrade apqa"
                 )
-            exposure = _read_apqa(hdul, source, require_wcs)
+            exposure = _read_apqa(hdul, source, require_wcs, lazy)
         else:
+            lazy = False
             exposure = _read_plain(hdul, source, require_wcs)
-    if not np.isfinite(exposure.image).any():
+    if not lazy and not np.isfinite(exposure.image).any():
         raise InputError(f"{source}: image has no finite pixels")
     return exposure

@@ -29,6 +29,24 @@ MASK_DTYPE = np.int32
 _HEADER_PREFIX = "MP_"
 
 
+def stored_pixels(array: np.ndarray, dtype: type) -> np.ndarray:
+    """``array`` as ``dtype``; a read-only big-endian array of that type (a memory-mapped FITS
+    plane, see ``read_exposure(lazy=True)``) is kept as it is, not read and converted.
+
+    Examples
+    --------
+    >>> stored_pixels(np.zeros(3, ">f4"), np.float32).dtype.str  # writeable: converted
+    '<f4'
+    >>> mapped = np.zeros(3, ">f4"); mapped.flags.writeable = False
+    >>> stored_pixels(mapped, np.float32) is mapped
+    True
+    """
+    if (isinstance(array, np.ndarray) and not array.flags.writeable
+            and array.dtype == np.dtype(dtype).newbyteorder(">")):
+        return array
+    return np.asarray(array, dtype=dtype)
+
+
 class Mask:
     """A 2-d ``int32`` bit mask plus the map from plane name to bit number.
 
@@ -50,7 +68,7 @@ class Mask:
     """
 
     def __init__(self, array: np.ndarray, planes: Mapping[str, int] | None = None) -> None:
-        self.array = np.asarray(array, dtype=MASK_DTYPE)
+        self.array = stored_pixels(array, MASK_DTYPE)
         if self.array.ndim != 2:
             raise InputError(f"mask: expected a 2-d array, got shape {self.array.shape}")
         self.planes: dict[str, int] = dict(

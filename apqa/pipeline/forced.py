@@ -28,10 +28,23 @@ from apqa.pipeline.photometry import psf_flux
 UNUSABLE_PLANES = ("NO_DATA", "BAD", "SAT", "CR")
 
 
+class _UsableAt:
+    """``usable[wy, wx]`` worked out at the indexed pixels only: a handful of PSF stamps need
+    no full-image pass (and a lazily read exposure is then read only there)."""
+
+    def __init__(self, exposure: Exposure) -> None:
+        self.mask = exposure.mask.array
+        self.bits = exposure.mask.bitmask(list(UNUSABLE_PLANES))
+        self.variance = exposure.variance
+
+    def __getitem__(self, index: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return ((self.mask[index] & self.bits) == 0) & np.isfinite(self.variance[index])
+
+
 def _fluxes(exposure: Exposure, x: np.ndarray, y: np.ndarray, apcorr: float
             ) -> tuple[np.ndarray, np.ndarray]:
-    usable = ~exposure.mask.is_set(list(UNUSABLE_PLANES)) & np.isfinite(exposure.variance)
-    flux, err, _, _ = psf_flux(exposure.image, exposure.variance, usable, exposure.psf, x, y)
+    flux, err, _, _ = psf_flux(exposure.image, exposure.variance, _UsableAt(exposure),
+                               exposure.psf, x, y)
     calib = exposure.photo_calib
     return calib.to_njy(flux * apcorr), calib.to_njy(err * apcorr)
 

@@ -16,7 +16,8 @@ def psf_flux(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, psf: P
     """Linear PSF fit at fixed centroids (Rubin's PsfFlux).
 
     ``flux = sum(P D) / sum(P^2)``, ``err = sqrt(sum(P^2 V)) / sum(P^2)`` over usable pixels
-    (``usable`` False for masked pixels), with P the PSF at the source's sub-pixel position.
+    (``usable`` False for masked pixels; a boolean image, or anything that gives the values at
+    ``usable[rows, cols]``), with P the PSF at the source's sub-pixel position.
 
     Returns
     -------

@@ -114,9 +114,10 @@ class RunAssociator:
         visit, det = rec["visit"], rec["detector"]
         folder = unit_dir(self.out, visit, det)
         dia = pd.read_parquet(folder / "diaSources.parquet")
-        difference = Exposure.from_fits(folder / "difference.fits")
-        science = Exposure.from_fits(folder / "science.fits")
-        template = Exposure.from_fits(folder / "template.fits")
+        # Cut-outs and forced photometry use a few stamps of each image: mapped, not read.
+        difference = Exposure.from_fits(folder / "difference.fits", lazy=True)
+        science = Exposure.from_fits(folder / "science.fits", lazy=True)
+        template = Exposure.from_fits(folder / "template.fits", lazy=True)
         objects, history = apdb.read_region(_footprint(difference), before_mjd=rec["mjd"])
         result = associate(dia, objects, config.association, history=history)
         updated = set(result.dia_objects["diaObjectId"].tolist())
