@@ -59,8 +59,11 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
     match = _LOCAL.match(scheduler)
     if match:
         with LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=40) as cluster, \
+                          dashboard_address=None, silence_logs=50) as cluster, \
                 Client(cluster) as client:
+            # Worker logs are silenced below CRITICAL: a unit's failure comes back through its
+            # future and record, and at shutdown a worker's last heartbeat can race the closing
+            # scheduler and log a harmless "Failed to communicate with scheduler" traceback.
             # Our own worker processes get the command's allocator settings (apqa.allocator);
             # an existing cluster's workers are left as their owner set them up.
             client.run(tune_allocator)
