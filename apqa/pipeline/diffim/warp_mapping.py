@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.wcs import WCS
-from scipy.interpolate import BSpline, RectBivariateSpline
 
 from apqa.errors import InputError, StageError
 from apqa.log import get_logger
 
 if TYPE_CHECKING:
+    from scipy.interpolate import BSpline, RectBivariateSpline
+
     from apqa.pipeline.diffim.warp import WarpConfig
 
 # The warp's messages keep the logger of the warp module they come from.
@@ -75,6 +76,8 @@ def _row_evaluator(spline: RectBivariateSpline, width: int) -> BSpline:
     """The tensor-product spline collapsed onto the output columns: a 1-d spline in y whose
     coefficients are whole rows, so that a chunk of rows costs ~4 multiply-adds per pixel
     (3x faster than evaluating the 2-d spline on the grid)."""
+    from scipy.interpolate import BSpline  # imported when warping: 0.16 s of every start-up
+
     (t_y, t_x), (k_y, k_x) = spline.get_knots(), spline.degrees
     coeffs = spline.get_coeffs().reshape(t_y.size - k_y - 1, t_x.size - k_x - 1)
     columns = BSpline.design_matrix(np.arange(width, dtype=float), t_x, k_x)
@@ -99,6 +102,8 @@ class _Mapping:
 
 def _spline(ys: np.ndarray, xs: np.ndarray, values: np.ndarray,
             degree: int = 3) -> RectBivariateSpline:
+    from scipy.interpolate import RectBivariateSpline
+
     k_y = min(degree, ys.size - 1)
     k_x = min(degree, xs.size - 1)
     return RectBivariateSpline(ys, xs, values, kx=k_y, ky=k_x, s=0)
