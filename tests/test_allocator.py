@@ -12,7 +12,10 @@ import pytest
 
 PROBE = """
 import json, numpy as np
-from numpy._core import multiarray
+try:
+    from numpy._core import multiarray
+except ImportError:  # numpy < 2
+    from numpy.core import multiarray
 from apqa.allocator import tune_allocator
 applied = tune_allocator()
 hugepages_before = multiarray._set_madvise_hugepage(True)
