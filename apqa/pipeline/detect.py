@@ -10,17 +10,19 @@ negative footprint that touch are merged into one two-lobed candidate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import find_objects, gaussian_filter, label, maximum_filter1d
+from scipy.ndimage import find_objects, gaussian_filter, label
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import StageError
 from apqa.pipeline.fftconv import convolve_same
+from apqa.pipeline.pixels import disk, grow_disk
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -228,8 +230,14 @@ def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
         n_found += len(objects)
         parts.append(objects)
     if not parts:
-        return np.zeros(0, sep.extract(np.zeros((3, 3), np.float32), 1.0).dtype), segmap
+        return np.zeros(0, _sep_objects_dtype()), segmap
     return np.concatenate(parts), segmap
+
+
+@cache
+def _sep_objects_dtype() -> np.dtype:
+    """The record type of sep's object catalogs (sep exposes it only through a result)."""
+    return sep.extract(np.zeros((3, 3), np.float32), 1.0).dtype
 
 
 def detect_dia_sources(difference: Exposure, config: DiaDetectionConfig | None = None,
@@ -277,41 +285,6 @@ def detect_dia_sources(difference: Exposure, config: DiaDetectionConfig | None =
     return DiaDetections(sources, footprints.astype(np.int32), sky, snr)
 
 
-def _disk(radius: int) -> np.ndarray:
-    off = np.arange(-radius, radius + 1)
-    return (off[:, None] ** 2 + off[None, :] ** 2) <= radius**2 + 0.5
-
-
-def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
-    """Half-widths (x, y) of rectangles whose union is :func:`_disk` of ``radius``."""
-    rects: dict[int, int] = {}
-    for dy in range(radius + 1):
-        half_x = int(np.floor(np.sqrt(radius**2 + 0.5 - dy**2)))
-        rects[half_x] = dy  # the tallest rectangle of each width
-    return sorted(rects.items())
-
-
-def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of ``mask`` by :func:`_disk` of ``radius`` (zero outside the array).
-
-    The disk is a union of a few rectangles and a rectangle is two 1-d running maxima, so
-    this costs a few passes over the pixels instead of one per disk pixel.
-
-    Examples
-    --------
-    >>> m = np.zeros((7, 7), bool); m[3, 3] = True
-    >>> bool((dilate_disk(m, 2)[1:6, 1:6] == _disk(2)).all()), int(dilate_disk(m, 2).sum())
-    (True, 13)
-    """
-    values = mask.view(np.uint8)
-    out = np.zeros(mask.shape, bool)
-    for half_x, half_y in _disk_rectangles(radius):
-        grown = maximum_filter1d(values, 2 * half_x + 1, axis=1, mode="constant")
-        grown = maximum_filter1d(grown, 2 * half_y + 1, axis=0, mode="constant")
-        out |= grown.view(bool)
-    return out
-
-
 def grow_footprints(labels: np.ndarray, radius: int) -> np.ndarray:
     """Footprints (labels > 0) grown by a disk of ``radius`` pixels, as a boolean map.
 
@@ -325,7 +298,7 @@ def grow_footprints(labels: np.ndarray, radius: int) -> np.ndarray:
             continue
         ys = slice(max(box[0].start - radius, 0), min(box[0].stop + radius, height))
         xs = slice(max(box[1].start - radius, 0), min(box[1].stop + radius, width))
-        out[ys, xs] |= dilate_disk(labels[ys, xs] > 0, radius)
+        out[ys, xs] |= grow_disk(labels[ys, xs] > 0, radius)
     return out
 
 
@@ -389,8 +362,7 @@ def _sky_positions(busy: np.ndarray, excluded: np.ndarray, config: DiaDetectionC
     x = rng.integers(m, width - m, n_try)
     y = rng.integers(m, height - m, n_try)
     # Blank: no footprint or excluded pixel within a disk of 5 px (looked up per position).
-    disk = _disk(5)
-    dy, dx = np.nonzero(disk)
+    dy, dx = np.nonzero(disk(5))
     dy, dx = dy - 5, dx - 5
     blocked = busy | excluded
     ok = ~blocked[np.clip(y[:, None] + dy[None, :], 0, height - 1),

@@ -45,7 +45,7 @@ def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarr
     fi = sfft.rfft2(image.astype(np.float32, copy=False), s=fast)
     outs = []
     for kernel in kernels:
-        product = centred_kernel_spectrum(kernel.astype(np.float32), fast)
+        product = centred_kernel_spectrum(kernel, fast)
         product *= fi
         full = sfft.irfft2(product, s=fast, overwrite_x=True)
         outs.append(full[:image.shape[0], :image.shape[1]].astype(np.float32))

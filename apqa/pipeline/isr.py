@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
-from scipy.ndimage import maximum_filter1d
 
 from apqa.config import ConfigModel
 from apqa.datamodel import DetectorInfo, Exposure
@@ -21,6 +20,7 @@ from apqa.log import get_logger
 from apqa.pipeline.cosmic_rays import CosmicRayConfig, count_cosmic_rays, detect_cosmic_rays
 from apqa.pipeline.detect import size_pixel_stack
 from apqa.pipeline.interpolate import interpolate_masked
+from apqa.pipeline.pixels import grow_box
 
 log = get_logger(__name__)
 ADC_MAX = 65535.0
@@ -127,9 +127,7 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
     if is_raw:
         saturated |= raw.image >= ADC_MAX
     if config.bleed_grow and saturated.any():
-        # n vertical 3-pixel dilations = one running maximum over 2 n + 1 rows.
-        saturated = maximum_filter1d(saturated.view(np.uint8), 2 * config.bleed_grow + 1,
-                                     axis=0, mode="constant").view(bool)
+        saturated = grow_box(saturated, 0, config.bleed_grow)  # bleed trails run along columns
     mask.set("SAT", saturated)
 
     bad = np.zeros(raw.shape, bool)

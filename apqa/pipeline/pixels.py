@@ -1,5 +1,6 @@
-"""Pixel-grid helpers shared by the measurement stages: block sums, their inverse, and
-per-position lookups of flag boxes (none of them touches more of the image than it must)."""
+"""Pixel-grid helpers shared by the measurement stages: block sums, their inverse,
+per-position lookups of flag boxes, and growing flags by boxes and disks (none of them touches
+more of the image than it must)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,46 @@ def any_in_box(flags: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np
     return flags[wy, wx].any(axis=(1, 2))
 
 
+def grow_box(flags: np.ndarray, half_x: int, half_y: int) -> np.ndarray:
+    """``flags`` grown by a (2 half_x + 1) x (2 half_y + 1) box: two 1-d running maxima.
+
+    Examples
+    --------
+    >>> flags = np.zeros((5, 5), bool); flags[2, 2] = True
+    >>> grow_box(flags, 0, 1)[:, 2].tolist(), int(grow_box(flags, 1, 2).sum())
+    ([False, True, True, True, False], 15)
+    """
+    grown = maximum_filter1d(flags.view(np.uint8), 2 * half_y + 1, axis=0, mode="constant")
+    return maximum_filter1d(grown, 2 * half_x + 1, axis=1, mode="constant").view(bool)
+
+
 def grow_square(flags: np.ndarray, reach: int) -> np.ndarray:
-    """``flags`` grown by ``reach`` pixels in a square (two separable max filters)."""
-    grown = maximum_filter1d(flags.view(np.uint8), 2 * reach + 1, axis=0)
-    return maximum_filter1d(grown, 2 * reach + 1, axis=1).view(bool)
+    """``flags`` grown by ``reach`` pixels in a square."""
+    return grow_box(flags, reach, reach)
+
+
+def disk(radius: int) -> np.ndarray:
+    """The (2 radius + 1)^2 boolean disk of pixels within ``radius`` (+ half a pixel^2)."""
+    off = np.arange(-radius, radius + 1)
+    return (off[:, None] ** 2 + off[None, :] ** 2) <= radius**2 + 0.5
+
+
+def grow_disk(flags: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of ``flags`` by :func:`disk` of ``radius`` (nothing outside the array).
+
+    The disk is the union of a few boxes (the tallest of each width), each two running
+    maxima: a few passes over the pixels instead of one per disk pixel.
+
+    Examples
+    --------
+    >>> flags = np.zeros((7, 7), bool); flags[3, 3] = True
+    >>> bool((grow_disk(flags, 2)[1:6, 1:6] == disk(2)).all()), int(grow_disk(flags, 2).sum())
+    (True, 13)
+    """
+    boxes: dict[int, int] = {}
+    for dy in range(radius + 1):
+        boxes[int(np.floor(np.sqrt(radius**2 + 0.5 - dy**2)))] = dy
+    out = np.zeros(flags.shape, bool)
+    for half_x, half_y in boxes.items():
+        out |= grow_box(flags, half_x, half_y)
+    return out

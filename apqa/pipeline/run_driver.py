@@ -92,11 +92,6 @@ class RunAssociator:
         finally:
             self.apdb.__exit__(*exc_info)
 
-    @property
-    def waiting(self) -> int:
-        """Finished units not yet associated (an earlier unit is still running)."""
-        return len(self.pending)
-
     def offer(self, record: dict) -> None:
         """Take a finished unit's record; associate every unit now ready, in time order."""
         self.pending[(record["visit"], record["detector"])] = record

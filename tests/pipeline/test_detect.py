@@ -6,14 +6,8 @@ import numpy as np
 import sep
 from scipy.ndimage import binary_dilation
 
-from apqa.pipeline.detect import (
-    DiaDetectionConfig,
-    _disk,
-    _extract,
-    dilate_disk,
-    grow_footprints,
-    size_pixel_stack,
-)
+from apqa.pipeline.detect import DiaDetectionConfig, _extract, grow_footprints, size_pixel_stack
+from apqa.pipeline.pixels import disk, grow_box, grow_disk
 
 
 def _snr_map(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +74,14 @@ def test_nothing_above_threshold_gives_an_empty_catalog() -> None:
     assert len(objects) == 0 and "x" in objects.dtype.names and not segmap.any()
 
 
-def test_disk_dilation_matches_scipy() -> None:
+def test_disk_and_box_growth_match_scipy() -> None:
     rng = np.random.default_rng(1)
     mask = rng.random((200, 150)) < 0.003
     mask[0, 0] = mask[-1, 40] = True
     for radius in (1, 3, 6, 11):
-        assert np.array_equal(dilate_disk(mask, radius), binary_dilation(mask, _disk(radius)))
+        assert np.array_equal(grow_disk(mask, radius), binary_dilation(mask, disk(radius)))
+    assert np.array_equal(grow_box(mask, 0, 3),
+                          binary_dilation(mask, np.ones((3, 1), bool), iterations=3))
     labels = np.zeros(mask.shape, np.int32)
     labels[mask] = np.arange(1, mask.sum() + 1)
-    assert np.array_equal(grow_footprints(labels, 4), binary_dilation(mask, _disk(4)))
+    assert np.array_equal(grow_footprints(labels, 4), binary_dilation(mask, disk(4)))
