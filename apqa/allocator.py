@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 #: ``mallopt`` parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -40,14 +41,19 @@ def tune_allocator() -> dict[str, bool]:
     applied = {"glibc_heap": False, "numpy_no_hugepages": False}
     if os.environ.get("APQA_TUNE_ALLOCATOR", "1") == "0":
         return applied
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    set_hugepage = getattr(multiarray, "_set_madvise_hugepage", None)
-    if set_hugepage is not None:
-        set_hugepage(False)
+    if "numpy" not in sys.modules:
+        # numpy reads this when it is imported: `apqa --version` need not import it here.
+        os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
         applied["numpy_no_hugepages"] = True
+    else:
+        try:
+            from numpy._core import multiarray
+        except ImportError:  # numpy < 2
+            from numpy.core import multiarray
+        set_hugepage = getattr(multiarray, "_set_madvise_hugepage", None)
+        if set_hugepage is not None:
+            set_hugepage(False)
+            applied["numpy_no_hugepages"] = True
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         if mallopt is not None:
