@@ -36,6 +36,23 @@ def test_pixels_bit_exact_with_dtypes(make_exposure, tmp_path):
     assert back.mask.is_set("MY_CUSTOM").any()
 
 
+def test_lazy_read_maps_the_stored_planes_read_only(make_exposure, tmp_path):
+    exp = make_exposure()
+    path = exp.write_fits(tmp_path / "exp.fits")
+    lazy = Exposure.from_fits(path, lazy=True)
+    # The planes are the file's big-endian pixels, not converted copies, and cannot be changed.
+    assert lazy.image.dtype == np.dtype(">f4") and lazy.mask.array.dtype == np.dtype(">i4")
+    assert not lazy.image.flags.writeable and not lazy.variance.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        lazy.image[0, 0] = 1.0
+    assert np.array_equal(lazy.image, exp.image)
+    assert np.array_equal(lazy.variance, exp.variance, equal_nan=True)
+    assert np.array_equal(lazy.mask.is_set("SAT"), exp.mask.is_set("SAT"))
+    assert lazy.wcs.to_header() == exp.wcs.to_header()
+    # A copy (or any array the pipeline makes) is native and writeable again.
+    assert Exposure(np.array(lazy.image), lazy.variance).image.flags.writeable
+
+
 def test_nonfinite_variance_survives(make_exposure, tmp_path):
     exp = make_exposure()
     exp.variance[0, 0] = np.inf
