@@ -16,11 +16,11 @@ from apqa.cli.app import register_commands
 from apqa.datamodel import Exposure
 from apqa.datamodel.apdb_schema import load_apdb_schema
 from tests.pipeline.synthetic_pairs import make_pair
+from tests.real_data import require_real_data
 
 runner = CliRunner()
 app = register_commands()
 # Real DECam cut-outs (sfft's test data, MIT), kept outside the repository in ../shared.
-DECAM = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "decam-mini"
 
 
 def _plain_fits(exposure: Exposure, path: Path, zero_point: float, visit: int = 2,
@@ -71,11 +71,10 @@ def test_run_writes_diasources_difference_and_report(pair_files, tmp_path):
 
 
 def test_run_on_real_decam_pair(tmp_path):
-    if not DECAM.is_dir():
-        pytest.skip(f"{DECAM} not found (shared test data outside the repository)")
+    decam = require_real_data("decam-mini")
     out = tmp_path / "decam"
-    args = ["run", "--science", str(DECAM / "DEC-OBS04a.mini.fits"),
-            "--template", str(DECAM / "DEC-OBS18a.mini.fits"), "--out", str(out)]
+    args = ["run", "--science", str(decam / "DEC-OBS04a.mini.fits"),
+            "--template", str(decam / "DEC-OBS18a.mini.fits"), "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "MAGZERO" in result.output and "--zero-point" in result.output

@@ -13,11 +13,11 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from apqa.datamodel import Exposure
 from apqa.errors import InputError
+from tests.real_data import REAL_DATA, require_real_data
 
 # Real images from github.com/thomasvrussell/sfft test data (MIT license): DECam cut-outs from
 # test/difference_noise_decorrelation/input_data and JWST NIRCam stamps from
 # test/subtract_test_nircam/input_data. They live outside the repository, in ../shared.
-REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 
 SKY, SKY_SIGMA = 1000.0, 10.0
 
@@ -270,11 +270,6 @@ def _real_files(folder: str) -> list[Path]:
     return sorted((REAL_DATA / folder).glob("*.fits"))
 
 
-def _require(folder: str) -> None:
-    if not (REAL_DATA / folder).is_dir():
-        pytest.skip(f"{REAL_DATA / folder} not found (shared test data outside the repository)")
-
-
 def _raw_wcs(header: fits.Header) -> WCS:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
@@ -283,13 +278,13 @@ def _raw_wcs(header: fits.Header) -> WCS:
 
 @pytest.mark.parametrize(("folder", "count"), [("decam-mini", 3), ("jwst-nircam", 2)])
 def test_real_data_present(folder, count):
-    _require(folder)
+    require_real_data(folder)
     assert len(_real_files(folder)) == count
 
 
 @pytest.mark.parametrize("path", _real_files("decam-mini"), ids=lambda p: p.name)
 def test_real_decam_images(path, tmp_path):
-    _require("decam-mini")
+    require_real_data("decam-mini")
     with fits.open(path) as hdul:
         header = hdul[0].header
         data = hdul[0].data.astype(np.float32)
@@ -327,7 +322,7 @@ def test_real_decam_images(path, tmp_path):
 
 @pytest.mark.parametrize("path", _real_files("jwst-nircam"), ids=lambda p: p.name)
 def test_real_jwst_images(path):
-    _require("jwst-nircam")
+    require_real_data("jwst-nircam")
     with fits.open(path) as hdul:
         header = hdul[0].header
         data = hdul[0].data
