@@ -103,6 +103,33 @@ class Exposure:
                                       tolerance=1e-8, maxiter=50, quiet=True)
         return x, y
 
+    def same_grid(self, other: Exposure) -> bool:
+        """True when ``other`` has the same shape and the same WCS (SIP terms included), so
+        pixel positions carry over unchanged.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> a = Exposure(np.zeros((8, 16)), np.ones((8, 16)))
+        >>> a.same_grid(a.copy())
+        True
+        """
+        if self.shape != other.shape:
+            return False
+        if self.wcs is None or other.wcs is None or self.wcs is other.wcs:
+            return self.wcs is other.wcs
+        # wcslib's own comparison (far cheaper than rendering both headers); it leaves out
+        # the SIP polynomials, which astropy keeps apart.
+        if not self.wcs.wcs.compare(other.wcs.wcs):
+            return False
+        sip, other_sip = self.wcs.sip, other.wcs.sip
+        if sip is None or other_sip is None:
+            return sip is other_sip
+        pairs = [(getattr(sip, name), getattr(other_sip, name))
+                 for name in ("a", "b", "ap", "bp", "crpix")]  # ap, bp may be None
+        return all(a is b or (a is not None and b is not None and np.array_equal(a, b))
+                   for a, b in pairs)
+
     def write_fits(self, path: str | Path, overwrite: bool = True) -> Path:
         """Write the multi-extension FITS file (see :mod:`apqa.datamodel.fits_io`)."""
         from apqa.datamodel.fits_io import write_exposure

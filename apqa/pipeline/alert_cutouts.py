@@ -64,6 +64,9 @@ class CutoutMaker:
     ----------
     exposure
         Needs a WCS and a photometric calibration (cutouts are in nJy).
+    wcs_header
+        ``exposure.wcs.to_header(relax=True)`` when the caller already has it (rendering it
+        is the costly part of making a maker).
 
     Examples
     --------
@@ -73,7 +76,7 @@ class CutoutMaker:
     (30, 30)
     """
 
-    def __init__(self, exposure: Exposure) -> None:
+    def __init__(self, exposure: Exposure, wcs_header: fits.Header | None = None) -> None:
         if exposure.wcs is None or exposure.photo_calib is None:
             raise InputError("alert cutouts: the exposure needs a WCS and a photometric "
                              "calibration")
@@ -82,8 +85,9 @@ class CutoutMaker:
         self.crpix = exposure.wcs.wcs.crpix.astype(float).copy()
         self.no_data = np.int32(1 << exposure.mask.planes["NO_DATA"]) if (
             "NO_DATA" in exposure.mask.planes) else np.int32(0)
-        primary = fits.PrimaryHDU(np.zeros((1, 1), np.float32),
-                                  header=exposure.wcs.to_header(relax=True))
+        if wcs_header is None:
+            wcs_header = exposure.wcs.to_header(relax=True)
+        primary = fits.PrimaryHDU(np.zeros((1, 1), np.float32), header=wcs_header.copy())
         primary.header["BUNIT"] = "nJy"
         primary.header["EXTEND"] = True
         if exposure.visit_info is not None:

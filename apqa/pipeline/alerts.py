@@ -110,13 +110,22 @@ def _encode(table: pd.DataFrame | None, record: str) -> list[bytes]:
     return RecordEncoder(record_fields(record), record).encode(table)
 
 
-def _pixel_positions(exposure: Exposure, reference: Exposure, x: np.ndarray, y: np.ndarray,
-                     ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Source positions on ``exposure``: the reference's pixels when the grids are the same."""
-    same = exposure.shape == reference.shape and (
-        exposure.wcs is reference.wcs
-        or exposure.wcs.to_header(relax=True) == reference.wcs.to_header(relax=True))
-    return (x, y) if same else exposure.sky_to_pixel(ra, dec)
+def _cutout_makers(difference: Exposure, science: Exposure, template: Exposure,
+                   sources: pd.DataFrame) -> list[tuple[CutoutMaker, np.ndarray, np.ndarray]]:
+    """A cutout maker per exposure with the sources' pixel positions on it: the difference's
+    pixels (and WCS header) wherever an exposure shares its grid."""
+    x = sources["x"].to_numpy(np.float64)
+    y = sources["y"].to_numpy(np.float64)
+    header = difference.wcs.to_header(relax=True) if difference.wcs is not None else None
+    makers = []
+    for exposure in (difference, science, template):
+        if exposure is difference or exposure.same_grid(difference):
+            makers.append((CutoutMaker(exposure, header), x, y))
+        else:
+            px, py = exposure.sky_to_pixel(sources["ra"].to_numpy(np.float64),
+                                           sources["dec"].to_numpy(np.float64))
+            makers.append((CutoutMaker(exposure), px, py))
+    return makers
 
 
 @cache
@@ -180,12 +189,7 @@ def build_alerts(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame, differenc
     prv_rows, forced_rows = _encode(history, "diaSource"), _encode(forced_history,
                                                                    "prvDiaForcedSources")
     prv_index, forced_index = _history_index(history), _history_index(forced_history)
-    x = dia_sources["x"].to_numpy(np.float64)
-    y = dia_sources["y"].to_numpy(np.float64)
-    ra = dia_sources["ra"].to_numpy(np.float64)
-    dec = dia_sources["dec"].to_numpy(np.float64)
-    makers = [(CutoutMaker(exp), *_pixel_positions(exp, difference, x, y, ra, dec))
-              for exp in (difference, science, template)]
+    makers = _cutout_makers(difference, science, template, dia_sources)
     sizes = np.clip(dia_sources["bboxSize"].to_numpy(np.int64), config.cutout_min,
                     config.cutout_max).tolist()
     ids = dia_sources["diaSourceId"].to_numpy(np.int64).tolist()

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 from scipy.spatial import cKDTree
+from threadpoolctl import threadpool_limits
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
@@ -104,20 +105,28 @@ def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, det
         return {**record, **base, "status": "skipped"}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / UNIT_FILE).unlink(missing_ok=True)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     try:
         inputs = source.load(visit, detector)
-        result = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
-                                  source.refcat(), config.single_visit)
+        with _one_blas_thread():
+            result = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
+                                      source.refcat(), config.single_visit)
         write_exposure(result.calexp, path)
         record = {**base, "status": "done", "timings": result.timings,
                   "quality": result.quality, "checksums": _checksums(folder, ["calexp.fits"])}
     except Exception as exc:  # the detector's units report it; other detectors go on
         (folder / "error.log").write_text(traceback.format_exc())
         record = {**base, "status": "failed", "error": _one_line(exc)}
-    record["wall"] = time.perf_counter() - start
+    record.update(wall=time.perf_counter() - start, started=started, finished=time.time())
     write_json(record, folder / UNIT_FILE)
     return record
+
+
+def _one_blas_thread() -> threadpool_limits:
+    """BLAS on one thread while a unit or template runs: a threaded BLAS sums in an order
+    that depends on its thread count, and a unit must give the same numbers in this process
+    as on a Dask worker (which runs BLAS on one thread) for the same seed."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -225,7 +234,8 @@ def run_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: i
     dict
         The unit record: ``status`` (done | failed | skipped when ``resume`` found it finished
         with valid checksums), ``error``, ``timings`` (s per stage), ``wall``, ``cpu``,
-        ``peak_rss_bytes`` (of the process that ran it), counts, quality numbers, checksums.
+        ``started`` and ``finished`` (Unix time), ``peak_rss_bytes`` (of the process that ran
+        it), counts, quality numbers, checksums.
     """
     folder = unit_dir(Path(out), visit, detector)
     if resume:
@@ -236,14 +246,16 @@ def run_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: i
     (folder / UNIT_FILE).unlink(missing_ok=True)
     (folder / "error.log").unlink(missing_ok=True)
     base = {"visit": visit, "detector": detector, "seed": unit_seed(seed, visit, detector)}
+    started = time.time()
     wall, cpu = time.perf_counter(), time.process_time()
     try:
-        record = {**base, "status": "done", "error": None,
-                  **_process_unit(source, config, seed, visit, detector, folder, template)}
+        with _one_blas_thread():
+            record = {**base, "status": "done", "error": None,
+                      **_process_unit(source, config, seed, visit, detector, folder, template)}
     except Exception as exc:  # isolate the unit: record why it failed, let the others go on
         (folder / "error.log").write_text(traceback.format_exc())
         record = {**base, "status": "failed", "error": _one_line(exc)}
     record.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
-                  peak_rss_bytes=peak_rss_bytes())
+                  started=started, finished=time.time(), peak_rss_bytes=peak_rss_bytes())
     write_json(record, folder / UNIT_FILE)
     return record
