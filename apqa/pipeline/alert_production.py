@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,11 @@ from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.pipeline.alert_publish import AlertStats, AlertWriter
 from apqa.pipeline.alerts import AlertConfig, build_alerts
-from apqa.pipeline.apdb import Apdb
 from apqa.pipeline.associate import AssociationConfig, associate
 from apqa.pipeline.forced import forced_photometry
+
+if TYPE_CHECKING:  # a type only: units on Dask workers need no SQLAlchemy
+    from apqa.pipeline.apdb import Apdb
 
 
 class AlertProductionConfig(ConfigModel):

@@ -1,9 +1,9 @@
 """Executing the task graph of ``apqa inject-and-run``: in this process, on a Dask
 ``LocalCluster`` of worker processes, or on an existing Dask cluster.
 
-The graph is small and static: one template task per detector and one unit task per science
-visit-detector depending on its detector's template task. Dask schedules it (no home-made
-scheduler); results are small dicts. Scheduler addresses:
+The graph is small: one template task per detector and one unit task per science
+visit-detector, submitted as soon as its detector's template is done. Dask schedules the tasks
+(no home-made scheduler); results are small dicts. Scheduler addresses:
 
 * ``process``: run everything here, one task after the other;
 * ``local:N``: a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``;
@@ -67,6 +67,9 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
             # Our own worker processes get the command's allocator settings (apqa.allocator);
             # an existing cluster's workers are left as their owner set them up.
             client.run(tune_allocator)
+            # Every worker imports the pipeline now, in parallel with the first tasks: a
+            # worker that first meets a unit only after the templates would import then.
+            client.run(_import_pipeline, wait=False)
             return _on_dask(client, plan, on_unit)
     try:
         client = Client(scheduler, timeout="10s")
@@ -74,6 +77,11 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
         raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     with client:
         return _on_dask(client, plan, on_unit)
+
+
+async def _import_pipeline() -> None:
+    # A coroutine: Dask runs only those without waiting for them (wait=False).
+    import apqa.pipeline.run_units  # noqa: F401
 
 
 def _in_process(plan: Plan, on_unit: Callable[[dict], None]) -> tuple[list[dict], list[dict]]:
@@ -94,16 +102,34 @@ def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
     from dask.distributed import as_completed
 
     used = sorted({det for _, det, _ in plan.units})
-    templates = {det: client.submit(run_template, plan.source, plan.config, plan.templates[det],
-                                    det, plan.out, plan.resume, pure=False,
-                                    key=f"template-d{det}") for det in used}
-    futures = {client.submit(run_unit, plan.source, plan.config, plan.seed, visit, det,
-                             plan.out, templates[det], plan.resume, pure=False,
-                             key=f"unit-v{visit}-d{det}"): (visit, det)
-               for visit, det, _ in plan.units}
+    templates = {client.submit(run_template, plan.source, plan.config, plan.templates[det],
+                               det, plan.out, plan.resume, pure=False,
+                               key=f"template-d{det}"): det for det in used}
+    template_records: dict[int, dict] = {}
+    units: dict = {}
     done: dict[tuple[int, int], dict] = {}
-    for future in as_completed(futures):
-        visit, det = futures[future]
+    # A detector's units are submitted when its template is done, with the template's record
+    # as a plain argument: as a task dependency, a worker would first fetch it from the
+    # worker that made it, which answers late while it runs its next unit.
+    finished = as_completed(list(templates))
+    for future in finished:
+        if future in templates:
+            det = templates[future]
+            try:
+                template_records[det] = future.result()
+            except Exception as exc:  # the worker died or the task could not run at all
+                template_records[det] = {"visit": plan.templates[det], "detector": det,
+                                         "status": "failed",
+                                         "error": f"{type(exc).__name__}: {exc}"}
+            for visit, d, _ in plan.units:
+                if d == det:
+                    unit = client.submit(run_unit, plan.source, plan.config, plan.seed, visit,
+                                         det, plan.out, template_records[det], plan.resume,
+                                         pure=False, key=f"unit-v{visit}-d{det}")
+                    units[unit] = (visit, det)
+                    finished.add(unit)
+            continue
+        visit, det = units[future]
         try:
             record = future.result()
         except Exception as exc:  # the worker died or the task could not run at all
@@ -111,11 +137,5 @@ def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
                       "error": f"{type(exc).__name__}: {exc}"}
         done[(visit, det)] = record
         on_unit(record)
-    template_records = []
-    for det, future in templates.items():
-        try:
-            template_records.append(future.result())
-        except Exception as exc:
-            template_records.append({"visit": plan.templates[det], "detector": det,
-                                     "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
-    return template_records, [done[(v, d)] for v, d, _ in plan.units]
+    return ([template_records[det] for det in used],
+            [done[(v, d)] for v, d, _ in plan.units])
