@@ -75,16 +75,23 @@ def main() -> None:
     one_core(root / "one_core")
 
     visits = max(1, args.units // 2)
-    results = {}
+    results, phases = {}, {}
     for workers in (1, 2):
         res = timed_run(root / f"scale{workers}", "--visits", str(visits), "--detectors", "2",
                         "--scheduler", f"local:{workers}")
-        n = len(res["units"])
-        peak = max(u["peak_rss_bytes"] for u in res["units"]) / 1e9
+        units = res["units"]
+        n = len(units)
+        peak = max(u["peak_rss_bytes"] for u in units) / 1e9
         results[workers] = n / res["wall"]
+        # The unit phase: first unit start to last unit end (no start-up, templates, metrics).
+        phases[workers] = max(u["finished"] for u in units) - min(u["started"] for u in units)
+        mean = sum(u["wall"] for u in units) / n
+        cpu = sum(u["cpu"] for u in units) / n
         print(f"{n} units on {workers} worker(s): {res['wall']:.1f} s, "
-              f"{results[workers] * 60:.2f} units/min, worker peak RSS {peak:.2f} GB")
-    print(f"throughput ratio 2 vs 1 workers: {results[2] / results[1]:.2f}x (target >= 1.8x)")
+              f"{results[workers] * 60:.2f} units/min, worker peak RSS {peak:.2f} GB; "
+              f"unit phase {phases[workers]:.1f} s, a unit {mean:.2f} s wall / {cpu:.2f} s CPU")
+    print(f"throughput ratio 2 vs 1 workers: {results[2] / results[1]:.2f}x (target >= 1.8x); "
+          f"unit phase alone {phases[1] / phases[2]:.2f}x")
 
 
 if __name__ == "__main__":
