@@ -328,7 +328,9 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
 
     metadata = fits.Header()
     metadata["VARSRC"] = ("pixels+gain" if gain is not None else "pixels", "variance model")
-    metadata["SRCFILE"] = (Path(source).name, "file the exposure was read from")
+    # A long file name leaves no room for the comment (astropy would warn on every write).
+    name = Path(source).name
+    metadata["SRCFILE"] = (name, "file the exposure was read from") if len(name) <= 34 else name
     visit_info = VisitInfo(
         visit=_integer_id(header, ("VISIT", "EXPNUM", "EXPID")),
         detector=_integer_id(header, ("CCDNUM", "DETECTOR")),

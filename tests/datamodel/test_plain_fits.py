@@ -259,6 +259,17 @@ def test_plain_import_can_be_written_and_read_back(sky_image, tmp_path, write_pl
     assert back.metadata["SRCFILE"] == "p.fits"
 
 
+@pytest.mark.parametrize("length", [34, 35, 90])
+def test_long_file_names_are_kept_and_written_without_warnings(length, sky_image, tmp_path,
+                                                               write_plain, simple_wcs):
+    name = "x" * (length - len(".fits")) + ".fits"
+    exp = Exposure.from_fits(write_plain(tmp_path / name, sky_image, {}, wcs=simple_wcs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a truncated comment would warn
+        back = Exposure.from_fits(exp.write_fits(tmp_path / "apqa.fits"))
+    assert back.metadata["SRCFILE"] == name
+
+
 # ---------------------------------------------------------------------------------------------
 # real files
 
