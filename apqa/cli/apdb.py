@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.errors import ApqaError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa apdb create --db run/apdb.sqlite3
 
@@ -24,7 +24,7 @@ psycopg 3, postgresql+psycopg2:// psycopg2.
 
 Tables come from the apdb.yaml of the installed lsst-sdm-schemas; on PostgreSQL they go \
 into the connection's search_path schema.
-"""
+""")
 
 apdb_app = typer.Typer(help="Alert Production Database (APDB): create, show.", epilog=EPILOG,
                        no_args_is_help=True)

@@ -66,6 +66,23 @@ def all_cores() -> Iterator[None]:
         yield
 
 
+def prose(text: str) -> str:
+    r"""Help text with each prose paragraph on one line, for the terminal to wrap.
+
+    Rich keeps a help text's line breaks and then wraps at the terminal width, which breaks
+    source-wrapped paragraphs at odd places on an 80-column terminal. Paragraphs that start
+    with spaces (the examples) stay exactly as written.
+
+    Examples
+    --------
+    >>> prose("Examples:\n\n  apqa diff --out d.fits\n\nOutputs go\nto OUT.")
+    'Examples:\n\n  apqa diff --out d.fits\n\nOutputs go to OUT.'
+    """
+    paragraphs = text.strip("\n").split("\n\n")
+    return "\n\n".join(p if p.startswith(" ") else " ".join(line.strip() for line in p.splitlines())
+                       for p in paragraphs)
+
+
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` on one line to stderr and return the exit to raise."""
     err_console.print(f"error: {message}", markup=False, soft_wrap=True)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.errors import ApqaError
 
 DbOption = Annotated[str | None, typer.Option(
@@ -17,14 +17,14 @@ DbOption = Annotated[str | None, typer.Option(
     help="Metric store: a SQLite file, sqlite:///PATH, postgresql://USER@HOST/DB (psycopg 3) or "
          "postgresql+psycopg2://...; default ~/.local/share/apqa/metrics.db.")]
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa db upgrade
 
   apqa db upgrade --db postgresql://postgres@127.0.0.1:5432/test
 
   apqa db runs --db metrics.db --limit 5
-"""
+""")
 
 db_app = typer.Typer(name="db", help="Metric-store schema and runs.", epilog=EPILOG,
                      no_args_is_help=True)

@@ -12,11 +12,11 @@ import typer
 from astropy.io import fits
 from rich.console import Console
 
-from apqa.cli.app import all_cores, app, fail
+from apqa.cli.app import all_cores, app, fail, prose
 from apqa.config import load_config
 from apqa.errors import ApqaError, InputError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa diff --science new.fits --template ref.fits --out diff.fits
 
@@ -27,7 +27,7 @@ Inputs are plain single-HDU FITS images (header WCS, GAIN, RDNOISE, SATURATE, MA
 EXPTIME, FILTER, MJD-OBS; without GAIN/RDNOISE the noise is measured from the pixels) or apqa
 exposures. Background, PSFs and the kernel are estimated here; the template is warped onto the
 science grid when the grids differ. The quality numbers go to OUT with .json appended.
-"""
+""")
 
 
 @app.command(epilog=EPILOG)

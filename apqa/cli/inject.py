@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.errors import ApqaError, InputError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa inject generate-catalog --exposure proc/calexp.fits --hosts proc/sources.parquet
   --n 500 --mix isolated=0.4,hosted=0.4,negative=0.2 --out fakes.parquet
@@ -27,9 +27,9 @@ WCS and MAGZERO (and GAIN for the noise); a plain image's PSF is estimated first
 the injected exposure (INJECTED or INJECTED_TEMPLATE mask plane over the fakes' pixels) and
 OUT.parquet, next to it, the fakes drawn into it with x, y and injection_flag (0 = drawn;
 bits: 1 bad mag, 2 off image, 4 FFT too large, 8 PSF failure, 16 unknown kind, 32 bad shape).
-"""
+""")
 
-GENERATE_EPILOG = """Examples:
+GENERATE_EPILOG = prose("""Examples:
 
   apqa inject generate-catalog --exposure calexp.fits --n 200 --out fakes.parquet
 
@@ -46,7 +46,7 @@ differ), negative (template only), trail, sersic, stamp (--stamp FITS files). Po
 a Halton sequence; everything is a function of --seed. --config takes a YAML file with the
 CatalogConfig keys (n, density, mix, mag_range, sersic_n, sersic_hlr, sersic_q, variable_dmag,
 trail_rate, exposure_time, host_mag, host_min_extendedness, margin, stamps, id_start).
-"""
+""")
 
 inject_app = typer.Typer(
     help="Draw fake sources into an exposure; generate injection catalogs.",

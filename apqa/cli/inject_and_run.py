@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from apqa.cli.app import all_cores, app, fail
+from apqa.cli.app import all_cores, app, fail, prose
 from apqa.errors import ApqaError, InputError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa inject-and-run
 
@@ -34,7 +34,7 @@ workers share the output folder. Outputs: OUT/units/v{visit}_d{det}/ (science, t
 difference FITS, fakes, diaSources and matched Parquet tables, unit.json with status, timings,
 peak memory and sha256 checksums), OUT/apdb.sqlite, OUT/alerts/*.avro and OUT/run.json. Exit
 code 1 when a unit failed (the others complete), 2 for bad input.
-"""
+""")
 
 
 def _summary_table(report) -> Table:

@@ -11,16 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.datamodel import Exposure
 from apqa.errors import ApqaError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa inspect sim-out/raw/raw_410001_01.fits
 
   apqa inspect my_image.fits --json
-"""
+""")
 
 
 def exposure_summary(exposure: Exposure) -> dict:

@@ -10,11 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.cli.db import DbOption
 from apqa.errors import ApqaError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa metrics list
 
@@ -25,7 +25,7 @@ EPILOG = """Examples:
   apqa metrics compare 11 12 --metric apqa.photometry
 
 RUN is a run id or `latest` (the newest succeeded run).
-"""
+""")
 
 metrics_app = typer.Typer(name="metrics", help="Declared metrics and stored measurements.",
                           epilog=EPILOG, no_args_is_help=True)

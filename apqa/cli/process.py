@@ -13,11 +13,11 @@ from rich.table import Table
 
 from apqa import __version__
 from apqa.atomic import write_json, write_parquet
-from apqa.cli.app import all_cores, app, fail
+from apqa.cli.app import all_cores, app, fail, prose
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa process --exposure my_image.fits --refcat gaia.parquet --out proc
 
@@ -28,7 +28,7 @@ EPILOG = """Examples:
 Outputs: DIR/calexp.fits (fitted TAN-SIP WCS, PSF, photometric calibration), DIR/sources.parquet
 (Rubin Source column names, fluxes in nJy) and DIR/process.json (quality numbers, timings,
 configuration and versions).
-"""
+""")
 
 
 def _read_defects(path: Path) -> pd.DataFrame:

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from apqa import __version__
 from apqa.atomic import write_json, write_parquet
-from apqa.cli.app import all_cores, app, fail
+from apqa.cli.app import all_cores, app, fail, prose
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa run --science new.fits --template ref.fits --out run1
 
@@ -34,7 +34,7 @@ versions, per-stage timings, peak memory, quality numbers). The DIASources are a
 into an APDB (default DIR/apdb.sqlite; --apdb postgresql://... for PostgreSQL) and one alert
 packet per DIASource goes to DIR/alerts/alerts_VISIT_DETECTOR.avro (and to Kafka with
 --kafka-bootstrap). Running two visits into the same --apdb builds light curves.
-"""
+""")
 
 
 def _versions() -> dict[str, str]:

@@ -10,20 +10,22 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from apqa.cli.app import app, fail
+from apqa.cli.app import app, fail, prose
 from apqa.config import config_from_mapping, load_config
 from apqa.errors import ApqaError
 from apqa.sim.config import SimulationConfig
 
-EPILOG = """Examples:
+EPILOG = prose("""Examples:
 
   apqa simulate --dataset hits-sim --out sim-out
 
   apqa simulate --dataset cosmos-sim --visits 6 --detectors 2 --seed 7 --out cosmos
 
-  apqa simulate --config sim.yaml --out sim-out   (YAML keys: dataset, n_visits, n_detectors,
-  n_template_visits, seed, write_noiseless)
-"""
+  apqa simulate --config sim.yaml --out sim-out
+
+The --config YAML takes the keys dataset, n_visits, n_detectors, n_template_visits, seed and
+write_noiseless.
+""")
 
 
 @app.command(epilog=EPILOG)

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apqa import __version__
-from apqa.cli.app import register_commands
+from apqa.cli.app import prose, register_commands
 from apqa.datamodel import Exposure
 
 runner = CliRunner()
@@ -31,6 +31,21 @@ def test_version_and_help():
     result = runner.invoke(app, ["simulate", "--help"])
     assert result.exit_code == 0
     assert "Examples" in result.stdout and "--dataset" in result.stdout
+
+
+def test_prose_joins_paragraph_lines_and_keeps_examples():
+    text = "Examples:\n\n  apqa diff --out d.fits\n  --score s.fits\n\nOutputs go\nto OUT.\n"
+    assert prose(text) == ("Examples:\n\n  apqa diff --out d.fits\n  --score s.fits\n\n"
+                           "Outputs go to OUT.")
+
+
+def test_help_paragraphs_wrap_at_the_terminal_width():
+    # Source line breaks inside a paragraph would show as ragged lines on a wide terminal.
+    result = CliRunner().invoke(app, ["inject-and-run", "--help"], env={"COLUMNS": "300"},
+                                terminal_width=300)
+    assert result.exit_code == 0
+    line = next(t for t in result.stdout.splitlines() if "--dataset is an embedded" in t)
+    assert "or a folder with a manifest.json" in line  # broken after "or a" in the source
 
 
 def test_simulate_writes_dataset(tmp_path):
