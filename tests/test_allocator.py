@@ -20,18 +20,27 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core import multiarray
 hugepages_before = multiarray._set_madvise_hugepage(True)
-a = np.ones(3 * 2**23, np.float32)  # 96 MiB: above every mmap threshold glibc allows
-address = a.__array_interface__["data"][0]
-heap = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
-lo, hi = (int(v, 16) for v in heap[0].split("-")) if heap else (0, 0)
+import threading
+arrays = [np.ones(3 * 2**23, np.float32)]  # 96 MiB: above every mmap threshold glibc allows
+# A thread's 40 MiB buffer: from a mapped heap of the thread's own arena unless tuned.
+worker = threading.Thread(target=lambda: arrays.append(np.ones(10 * 2**20, np.float32)))
+worker.start()
+worker.join()
+# The heap's mappings (huge-page advice splits them): from the first start to the last end.
+heap = [[int(v, 16) for v in line.split()[0].split("-")] for line in open("/proc/self/maps")
+        if line.rstrip().endswith("[heap]")]
+lo, hi = (heap[0][0], heap[-1][1]) if heap else (0, 0)
+in_heap = [lo <= a.__array_interface__["data"][0] < hi for a in arrays]
 print(json.dumps({"applied": applied, "hugepages": hugepages_before,
-                  "in_heap": lo <= address < hi}))
+                  "in_heap": in_heap[0], "thread_in_heap": in_heap[1]}))
 """
 
 
-def _probe(setting: str, numpy_first: bool = True) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+def _probe(setting: str, numpy_first: bool = True, environ: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMPY_MADVISE_HUGEPAGE", "MALLOC_ARENA_MAX")}
     env["APQA_TUNE_ALLOCATOR"] = setting
+    env.update(environ or {})
     tune = "from apqa.allocator import tune_allocator; applied = tune_allocator()"
     steps = ("import numpy", tune) if numpy_first else (tune, "")
     code = PROBE.replace("FIRST", steps[0]).replace("SECOND", steps[1])
@@ -47,7 +56,40 @@ def test_large_arrays_come_from_the_heap_without_huge_pages() -> None:
         tuned = _probe("1", numpy_first)
         assert tuned["applied"] == {"glibc_heap": True, "numpy_no_hugepages": True}
         assert tuned["in_heap"] and tuned["hugepages"] is False
-    # Switched off, glibc maps the array on its own and numpy asks for huge pages.
+    # Switched off, glibc maps the arrays on its own and numpy asks for huge pages.
     default = _probe("0")
     assert not any(default["applied"].values())
     assert not default["in_heap"] and default["hugepages"] is True
+    # A thread has its own arena of mapped heaps unless the process starts with one arena
+    # (what apqa's worker processes get).
+    assert not default["thread_in_heap"]
+    assert _probe("1", environ={"MALLOC_ARENA_MAX": "1"})["thread_in_heap"]
+
+
+def _task_buffer_in_heap() -> dict:
+    import numpy as np
+
+    buffer = np.ones(10 * 2**20, np.float32)  # made in the worker's task thread
+    address = buffer.__array_interface__["data"][0]
+    heap = [[int(v, 16) for v in line.split()[0].split("-")] for line in open("/proc/self/maps")
+            if line.rstrip().endswith("[heap]")]
+    lo, hi = (heap[0][0], heap[-1][1]) if heap else (0, 0)
+    return {"env": os.environ.get("MALLOC_ARENA_MAX"), "in_heap": lo <= address < hi}
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc settings")
+def test_worker_processes_allocate_task_buffers_from_the_main_heap(monkeypatch) -> None:
+    from apqa.allocator import worker_environ
+    from apqa.pipeline import run_exec
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setenv("APQA_TUNE_ALLOCATOR", "1")
+    seen = []
+    # The real executor on a real LocalCluster, with a probe in place of the pipeline.
+    monkeypatch.setattr(run_exec, "_on_dask", lambda client, plan, on_unit: seen.append(
+        client.submit(_task_buffer_in_heap, pure=False).result()) or ([], []))
+    run_exec.execute(None, "local:1", lambda record: None)
+    assert seen == [{"env": "1", "in_heap": True}]
+    monkeypatch.setenv("APQA_TUNE_ALLOCATOR", "0")
+    assert worker_environ() == {}

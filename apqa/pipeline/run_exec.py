@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from apqa.allocator import tune_allocator
+from apqa.allocator import tune_allocator, worker_environ
 from apqa.errors import InputError
 from apqa.pipeline.run_data import DatasetSource
 from apqa.pipeline.run_units import InjectRunConfig, run_template, run_unit
@@ -54,12 +54,18 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
     check_scheduler(scheduler)
     if scheduler == "process":
         return _in_process(plan, on_unit)
+    import dask
     from dask.distributed import Client, LocalCluster
 
     match = _LOCAL.match(scheduler)
     if match:
-        with LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=50) as cluster, \
+        # Allocator settings glibc reads only when a process starts (apqa.allocator) go into
+        # the environment the nanny spawns its worker with.
+        environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **worker_environ()}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+                LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1,
+                             processes=True, dashboard_address=None,
+                             silence_logs=50) as cluster, \
                 Client(cluster) as client:
             # Worker logs are silenced below CRITICAL: a unit's failure comes back through its
             # future and record, and at shutdown a worker's last heartbeat can race the closing

@@ -266,6 +266,11 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     return out
 
 
+def _zero_where(image: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """``image`` with the ``missing`` pixels zeroed: a copy only when some are missing."""
+    return np.where(missing, np.float32(0), image) if missing.any() else image
+
+
 def _sampled(array: np.ndarray, step: int = 4) -> np.ndarray:
     """Every ``step``-th pixel in both directions: robust statistics of a million pixels are
     as good as of sixteen million."""
@@ -333,8 +338,8 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     factors = (_variance_factor(warps[0]), _variance_factor(warps[1]))
     u_var = float(np.median(_sampled(target.variance)[_sampled(good)])) / factors[0]
     c_var = float(np.median(_sampled(ref.variance)[_sampled(good)])) / factors[1]
-    diff = _matched_difference(np.where(no_data_t, np.float32(0), target.image),
-                               np.where(no_data_r, np.float32(0), ref.image),
+    diff = _matched_difference(_zero_where(target.image, no_data_t),
+                               _zero_where(ref.image, no_data_r),
                                kernel, u_var, c_var, config.decorrelate, warps)
     uu = ((np.arange(width, dtype=np.float32) - np.float32(cx)) / np.float32(width / 2))[None, :]
     vv = ((np.arange(height, dtype=np.float32) - np.float32(cy))
