@@ -317,13 +317,13 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     valid = finite & ~mask.is_set("SAT")
     sky_level, sky_var = robust_sky(image, valid)
     # Sky noise from the pixels (right for sky-subtracted images too), source Poisson from gain.
-    variance = np.full(data.shape, sky_var, dtype=np.float32)
-    if gain is not None:
-        source_counts = image - np.float32(sky_level)
-        np.clip(source_counts, 0, None, out=source_counts)
-        source_counts *= np.float32(1.0 / gain)
-        variance += source_counts
-        del source_counts
+    if gain is None:
+        variance = np.full(data.shape, sky_var, dtype=np.float32)
+    else:  # built in place: sky variance + the sources' counts above the sky / gain
+        variance = image - np.float32(sky_level)
+        np.clip(variance, 0, None, out=variance)
+        variance *= np.float32(1.0 / gain)
+        variance += np.float32(sky_var)
     variance[~finite] = np.inf
 
     metadata = fits.Header()

@@ -43,22 +43,36 @@ def psf_peak_contrast(fwhm: float) -> float:
     return float((p0 * p0 - p0 * p1) / (p0 * p0))
 
 
-def _excess(work: np.ndarray, ys: np.ndarray | None = None, xs: np.ndarray | None = None
-            ) -> np.ndarray:
-    """``work`` minus the mean of its four neighbours (edges repeated): over the whole image,
-    or at the pixels (ys, xs) only."""
+def _rows_excess(work: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of ``work`` minus the mean of each pixel's four neighbours (the image's
+    edges repeated)."""
+    height = work.shape[0]
+    rows = work[r0:r1]
+    above = work[r0 - 1:r1 - 1] if r0 > 0 else np.concatenate([work[:1], work[:r1 - 1]])
+    below = work[r0 + 1:r1 + 1] if r1 < height else np.concatenate([work[r0 + 1:], work[-1:]])
+    out = above + below
+    out[:, 1:-1] += rows[:, :-2] + rows[:, 2:]
+    out[:, 0] += rows[:, 0] + rows[:, 1]
+    out[:, -1] += rows[:, -2] + rows[:, -1]
+    out *= np.float32(-0.25)
+    out += rows
+    return out
+
+
+def _pixels_above(work: np.ndarray, threshold: float, block: int = 256
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the pixels whose excess over their neighbours exceeds ``threshold``, found
+    in blocks of rows: no image-sized temporary."""
+    found = []
+    for r0 in range(0, work.shape[0], block):
+        ys, xs = np.nonzero(_rows_excess(work, r0, min(r0 + block, work.shape[0])) > threshold)
+        found.append((ys + r0, xs))
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def _excess(work: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``work`` minus the mean of its four neighbours (edges repeated) at the pixels (ys, xs)."""
     height, width = work.shape
-    if ys is None or xs is None:
-        out = np.empty_like(work)
-        out[1:-1] = work[:-2] + work[2:]
-        out[0] = work[0] + work[1]
-        out[-1] = work[-2] + work[-1]
-        out[:, 1:-1] += work[:, :-2] + work[:, 2:]
-        out[:, 0] += work[:, 0] + work[:, 1]
-        out[:, -1] += work[:, -2] + work[:, -1]
-        out *= np.float32(-0.25)
-        out += work
-        return out
     up, down = np.maximum(ys - 1, 0), np.minimum(ys + 1, height - 1)
     left, right = np.maximum(xs - 1, 0), np.minimum(xs + 1, width - 1)
     return work[ys, xs] - np.float32(0.25) * (work[up, xs] + work[down, xs] + work[ys, left]
@@ -113,8 +127,9 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
     contrast = psf_peak_contrast(0.85 * psf_fwhm)
     limit = np.float32(min(config.sharpness_factor * contrast, 0.95))
     floor = np.broadcast_to(np.asarray(background, np.float32), image.shape)
-    # Excluded pixels need no filling: their neighbours are never judged (too close to them).
-    work = image.astype(np.float32, copy=True)
+    # The pixels as the passes see them: found cosmic rays are filled in a copy (made once
+    # there are some). Excluded pixels need no filling: their neighbours are never judged.
+    work = np.asarray(image, np.float32)
 
     def judged(ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pixels among (ys, xs) sharper than the sharpest PSF peak by a significant
@@ -136,8 +151,9 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
     if not smallest > 0:
         smallest = float(np.min(variance[~excluded & np.isfinite(variance)], initial=0.0))
     min_noise = float(np.sqrt(max(smallest, 0.0) * 1.25))
-    ys, xs = np.nonzero(_excess(work) > config.min_sigma * min_noise)
-    ys, xs = judged(ys, xs)
+    ys, xs = judged(*_pixels_above(work, config.min_sigma * min_noise))
+    if ys.size and config.n_iterations > 1:
+        work = work.copy() if work is image else work
     crs = np.zeros(image.shape, bool)
     # The pixels found so far, as coordinates: a full-image np.nonzero per pass cost more
     # than the rest of the pass.

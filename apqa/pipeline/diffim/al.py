@@ -75,14 +75,20 @@ class DiffimResult:
     template: Exposure | None = None  # the template on the science grid (warped if needed)
 
 
-def _background_image(uu: np.ndarray, vv: np.ndarray, order: int,
-                      coeffs: np.ndarray) -> np.ndarray:
-    """The fitted differential background from row/column coordinate vectors."""
-    terms = [np.float32(1.0), uu, vv, uu * uu, uu * vv, vv * vv][:len(coeffs)]
-    out = np.zeros((vv.shape[0], uu.shape[1]), np.float32)
-    for c, t in zip(coeffs, terms, strict=True):
-        out += c * t
-    return out
+def _subtract_background(image: np.ndarray, uu: np.ndarray, vv: np.ndarray,
+                         coeffs: np.ndarray) -> None:
+    """Subtract the fitted differential background (terms 1, u, v, u^2, uv, v^2 up to the
+    number of ``coeffs``) from ``image`` in place, from the row (1, w) and column (h, 1)
+    coordinate vectors, a block of rows at a time (no image-sized temporary)."""
+    c = np.zeros(6, np.float32)
+    c[:len(coeffs)] = coeffs
+    # Per row: c0 + c2 v + c5 v^2 + (c1 + c4 v) u + c3 u^2.
+    constant = c[0] + c[2] * vv + c[5] * vv * vv
+    slope = c[1] + c[4] * vv
+    quadratic = c[3] * uu * uu
+    for r0 in range(0, image.shape[0], 256):
+        rows = slice(r0, r0 + 256)
+        image[rows] -= constant[rows] + slope[rows] * uu + quadratic
 
 
 def _detect_candidates(target: Exposure) -> pd.DataFrame:
@@ -344,8 +350,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     uu = ((np.arange(width, dtype=np.float32) - np.float32(cx)) / np.float32(width / 2))[None, :]
     vv = ((np.arange(height, dtype=np.float32) - np.float32(cy))
           / np.float32(height / 2))[:, None]
-    bkg_order = {1: 0, 3: 1, 6: 2}[kernel.background.size]
-    diff -= _background_image(uu, vv, bkg_order, kernel.background.astype(np.float32))
+    _subtract_background(diff, uu, vv, kernel.background.astype(np.float32))
 
     # The matched image is undefined within the kernel's reach of the border and of the
     # convolved image's missing pixels.
