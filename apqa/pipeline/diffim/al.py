@@ -220,6 +220,13 @@ def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndar
 
 
 
+def _inverse_in_place(spectrum: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``irfft2(spectrum, s=shape)`` that overwrites ``spectrum`` with its transform along y
+    instead of copying it first (``irfft2`` makes a temporary as large as the spectrum)."""
+    sfft.ifft(spectrum, axis=0, overwrite_x=True)
+    return sfft.irfft(spectrum, n=shape[1], axis=1)
+
+
 def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKernel,
                         u_var: float, c_var: float, decorrelate: bool,
                         warps: tuple[str | None, str | None] = (None, None)) -> np.ndarray:
@@ -254,7 +261,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     del fk0
     if phi is not None:
         acc *= phi
-    out = sfft.irfft2(acc, s=shape)[:height, :width]
+    out = _inverse_in_place(acc, shape)[:height, :width]
     del acc
     coords = (((np.arange(width, dtype=np.float32) - np.float32((width - 1) / 2))
                / np.float32(width / 2))[None, :],
@@ -265,7 +272,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
         product *= fr
         if phi is not None:
             product *= phi
-        term_image = sfft.irfft2(product, s=shape)[:height, :width]
+        term_image = _inverse_in_place(product, shape)[:height, :width]
         del product
         term_image *= coord
         out -= term_image
