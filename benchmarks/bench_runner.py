@@ -18,6 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_simulate import first_touch_seconds
+
 
 def timed_run(out: Path, *args: str) -> dict:
     """Run ``apqa inject-and-run`` under /usr/bin/time -v; wall s, driver peak RSS, units."""
@@ -92,6 +95,7 @@ def main() -> None:
               f"unit phase {phases[workers]:.1f} s, a unit {mean:.2f} s wall / {cpu:.2f} s CPU")
     print(f"throughput ratio 2 vs 1 workers: {results[2] / results[1]:.2f}x (target >= 1.8x); "
           f"unit phase alone {phases[1] / phases[2]:.2f}x")
+    print(f"first touch of 1 GiB in a fresh process: {first_touch_seconds():.2f} s")
 
 
 if __name__ == "__main__":

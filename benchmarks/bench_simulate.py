@@ -23,6 +23,28 @@ from pathlib import Path
 SINGLE_CORE = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+FIRST_TOUCH_PROBE = """
+import time, numpy as np
+start = time.perf_counter()
+np.ones(2**27)  # 1 GiB, fresh pages
+print(time.perf_counter() - start)
+"""
+
+
+def first_touch_seconds(idle: float = 3.0) -> float:
+    """Seconds a fresh process takes to touch 1 GiB of new memory after ``idle`` seconds.
+
+    On the project's virtual machines, memory a process frees is handed back to the host
+    (free page reporting), and touching it again costs from 0.2 to over 10 s per GiB,
+    changing within minutes: every benchmark that starts processes or allocates images
+    depends on it, so the benchmarks print it beside their results.
+    """
+    time.sleep(idle)
+    out = subprocess.run([sys.executable, "-c", FIRST_TOUCH_PROBE], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout)
+
+
 def timed_process(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of a whole process."""
     env = {**os.environ, **SINGLE_CORE}
