@@ -143,10 +143,12 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
     mask = exposure.mask
     masked = mask.is_set(["NO_DATA", "BAD", "SAT"])
     flagged = mask.is_set(list(_FLAG_PLANES))
-    image = exposure.image.astype(np.float32)
+    image = np.asarray(exposure.image, np.float32)  # read only here: no copy
     variance = exposure.variance
-    if not np.isfinite(image[~masked]).any() or np.ptp(image[~masked]) == 0:
+    values = image[~masked]
+    if not np.isfinite(values).any() or np.ptp(values) == 0:
         raise StageError("image is flat or empty: no background or sources to measure")
+    del values
     # ISR already estimated the FWHM (FWHMEST); measuring it again costs a detection pass.
     fwhm = float(exposure.metadata.get("FWHMEST", np.nan))
     if not np.isfinite(fwhm):
@@ -156,10 +158,12 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         fwhm = 3.0 if not np.isfinite(seeing) else seeing / 0.2
     source_mask = np.zeros(image.shape, bool)
     fit = None
+    sub = None
     for iteration in range(config.n_iterations):
         bkg = _background(image, masked | source_mask, config)
-        background = bkg.back()
-        sub = image - background
+        sub = None  # the previous pass's image goes before the next one is made
+        sub = bkg.back()  # the background map, made the background-subtracted image in place
+        np.subtract(image, sub, out=sub)
         # Early passes only feed PSF-star selection (S/N > 30) and the background's source
         # mask: a higher threshold there saves the deblending of faint sources in crowded
         # fields, and binned pixels find those bright sources at a quarter of the cost; the
@@ -223,4 +227,4 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         "aperture_correction": ap_corr,
         "aperture_correction_err": ap_corr_err,
     }
-    return CharacterizeResult(out, sources, background, quality)
+    return CharacterizeResult(out, sources, bkg.back(), quality)  # the last pass's background

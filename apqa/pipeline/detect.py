@@ -172,18 +172,28 @@ def psf_matched_snr(image: np.ndarray, variance: np.ndarray, excluded: np.ndarra
     """
     kernel = (psf_image / psf_image.sum()).astype(np.float32)
     flipped = kernel[::-1, ::-1]  # correlation = convolution with the flipped kernel
-    data = np.where(excluded, 0.0, image).astype(np.float32)
-    var = np.where(excluded | ~np.isfinite(variance), 0.0, variance).astype(np.float32)
+    # Each full-image temporary is a fresh 32 MB on 2048x4096: the S/N is built in place.
+    data = np.where(excluded, np.float32(0), image).astype(np.float32, copy=False)
     (num,) = convolve_same(data, [flipped])
+    del data
+    var = np.where(excluded | ~np.isfinite(variance), np.float32(0), variance
+                   ).astype(np.float32, copy=False)
     (den,) = convolve_same(var, [flipped * flipped])
+    del var
     with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.where(den > 1e-30 * np.nanmax(den), num / np.sqrt(den), 0.0)
-    return np.nan_to_num(snr, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        empty = den <= 1e-30 * np.nanmax(den)
+        np.sqrt(den, out=den)
+        snr = np.divide(num, den, out=num)
+    del den
+    snr[empty] = 0.0
+    return np.nan_to_num(snr, copy=False, nan=0.0, posinf=0.0, neginf=0.0
+                         ).astype(np.float32, copy=False)
 
 
-def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """sep objects and segmentation map of the pixels above ``config.threshold``.
+def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig,
+             sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """sep objects and segmentation map of the pixels of ``sign * snr`` above
+    ``config.threshold`` (``sign=-1``: the negative sources, without a negated image copy).
 
     The above-threshold regions are labelled first (8-connected, as sep does) and sep deblends
     each region in its own cut-out: difference images are nearly empty, and sep's scan of the
@@ -192,7 +202,7 @@ def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
     same as one full-image call. Regions of more than ``max_deblend_pixels`` (streaks, residuals
     of saturated stars) are not deblended.
     """
-    above = snr > config.threshold
+    above = snr > config.threshold if sign > 0 else snr < -config.threshold
     above &= ~excluded
     labels, _ = label(above, structure=np.ones((3, 3), bool))
     del above
@@ -213,7 +223,8 @@ def _extract(snr: np.ndarray, excluded: np.ndarray, config: DiaDetectionConfig
             continue
         size_pixel_stack(area)
         objects, seg = sep.extract(
-            np.ascontiguousarray(snr[ys, xs], np.float32), config.threshold,
+            np.ascontiguousarray(snr[ys, xs] if sign > 0 else -snr[ys, xs], np.float32),
+            config.threshold,
             mask=excluded[ys, xs] | ((cut > 0) & (cut != k)), minarea=config.min_area,
             filter_kernel=None, clean=False, segmentation_map=True,
             **({"deblend_nthresh": 1, "deblend_cont": 1.0} if area > config.max_deblend_pixels
@@ -267,7 +278,7 @@ def detect_dia_sources(difference: Exposure, config: DiaDetectionConfig | None =
     else:
         snr = np.where(excluded, 0.0, np.nan_to_num(score)).astype(np.float32)
     pos, pos_seg = _extract(snr, excluded, config)
-    neg, neg_seg = _extract(-snr, excluded, config)
+    neg, neg_seg = _extract(snr, excluded, config, sign=-1.0)
     grow = int(np.ceil(config.grow_fwhm * difference.psf.fwhm_at(cx, cy)))
     pos_grown = grow_footprints(pos_seg, grow)
     neg_grown = grow_footprints(neg_seg, grow)
@@ -282,7 +293,7 @@ def detect_dia_sources(difference: Exposure, config: DiaDetectionConfig | None =
     sources["ymin"] = np.array([b[0].start for b in boxes], np.int64)[comp]
     sources["ymax"] = np.array([b[0].stop - 1 for b in boxes], np.int64)[comp]
     sky = _sky_positions(footprints > 0, excluded, config, seed)
-    return DiaDetections(sources, footprints.astype(np.int32), sky, snr)
+    return DiaDetections(sources, footprints.astype(np.int32, copy=False), sky, snr)
 
 
 def grow_footprints(labels: np.ndarray, radius: int) -> np.ndarray:

@@ -131,31 +131,30 @@ def run_isr(raw: Exposure, bias: Exposure | None = None, flat: Exposure | None =
     mask.set("SAT", saturated)
 
     bad = np.zeros(raw.shape, bool)
-    counts_before_flat = np.clip(image, 0, None)
+    gain = det.gain if np.isfinite(det.gain) and det.gain > 0 else None
+    # Only raw pixels still hold their photon counts; a user's reduced (often sky-subtracted)
+    # image keeps the variance it was read with (measured from its own pixels). Built in
+    # place, in float32: each temporary here is a full image.
+    if is_raw and gain is not None:
+        read_var = (det.read_noise / gain) ** 2 if np.isfinite(det.read_noise) else 0.0
+        variance = np.clip(image, 0, None)  # counts before flat-fielding
+        variance /= np.float32(gain)
+        variance += np.float32(read_var)
+    else:
+        variance = raw.variance.astype(np.float32, copy=True)
     if flat is not None:
         bad |= (flat.image < config.flat_bad_threshold) | flat.mask.is_set("BAD")
+        flat_sq = np.where(bad, np.float32(1), flat.image.astype(np.float32, copy=False))
         with np.errstate(divide="ignore", invalid="ignore"):
-            image = np.where(bad, 0.0, image / flat.image).astype(np.float32)
+            image /= flat_sq
+            flat_sq *= flat_sq
+            variance /= flat_sq
+        del flat_sq
+        image[bad] = 0.0
     if defects is not None and len(defects):
         bad |= _defect_mask(defects, raw.shape)
     mask.set("BAD", bad)
     mask.set("NO_DATA", no_data)
-
-    gain = det.gain if np.isfinite(det.gain) and det.gain > 0 else None
-    # Only raw pixels still hold their photon counts; a user's reduced (often sky-subtracted)
-    # image keeps the variance it was read with (measured from its own pixels).
-    if is_raw and gain is not None:
-        read_var = (det.read_noise / gain) ** 2 if np.isfinite(det.read_noise) else 0.0
-        variance = counts_before_flat / np.float32(gain) + np.float32(read_var)
-        if flat is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                variance = variance / np.where(bad, 1.0, flat.image) ** 2
-    else:
-        variance = raw.variance.copy()
-        if flat is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                variance = variance / np.where(bad, 1.0, flat.image) ** 2
-    variance = variance.astype(np.float32)
     unusable = bad | no_data
     image[unusable] = 0.0
 

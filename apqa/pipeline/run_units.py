@@ -32,6 +32,7 @@ from apqa.injection.draw import inject
 from apqa.injection.match import MatchConfig, match_fakes, merge_injected
 from apqa.pipeline.alerts import AlertConfig
 from apqa.pipeline.associate import AssociationConfig
+from apqa.pipeline.isr import run_isr
 from apqa.pipeline.run_data import REAL_KINDS, DatasetSource
 from apqa.pipeline.run_layout import (
     UNIT_FILE,
@@ -44,7 +45,7 @@ from apqa.pipeline.run_layout import (
     write_parquet,
 )
 from apqa.pipeline.runner import RunConfig, peak_rss_bytes, run_pair
-from apqa.pipeline.single_visit import SingleVisitConfig, process_exposure
+from apqa.pipeline.single_visit import SingleVisitConfig, process_after_isr, process_exposure
 
 #: ``--fake-kinds`` names and the injection fake classes they draw.
 FAKE_KINDS = {"point": "isolated", "hosted": "hosted", "variable": "variable",
@@ -159,13 +160,18 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     start = time.perf_counter()
     template_exp = Exposure.from_fits(template["path"])
     timings["read_template"] = time.perf_counter() - start
-    single = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
-                              source.refcat(), config.single_visit)
-    timings.update(single.timings)
+    start = time.perf_counter()
+    isr = run_isr(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
+                  config.single_visit.isr)
+    timings["isr"] = time.perf_counter() - start
     # Only the truth table is needed from here on: the raw pixels and calibration frames go
-    # (a unit's peak memory is what limits how many run side by side).
+    # before characterization (a unit's peak memory is what limits how many run side by
+    # side, and on the project's virtual machines every fresh page costs).
     truth = inputs.truth
     del inputs
+    single = process_after_isr(isr, source.refcat(), config.single_visit)
+    del isr
+    timings.update(single.timings)
     calexp, sci_sources, q = single.calexp, single.sources, single.quality
     del single
 

@@ -18,7 +18,7 @@ from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.pipeline.calibrate import CalibrateConfig, calibrate
 from apqa.pipeline.characterize import CharacterizeConfig, characterize
-from apqa.pipeline.isr import IsrConfig, run_isr
+from apqa.pipeline.isr import IsrConfig, IsrResult, run_isr
 
 #: Source table columns in output order (Rubin Source names where they exist).
 SOURCE_COLUMNS = [
@@ -79,11 +79,26 @@ def process_exposure(raw: Exposure, bias: Exposure | None = None, flat: Exposure
     """
     config = config or SingleVisitConfig()
     on_stage = on_stage or (lambda _: None)
-    timings = {}
     start = time.perf_counter()
     on_stage("isr")
     isr = run_isr(raw, bias, flat, defects, config.isr)
-    timings["isr"] = time.perf_counter() - start
+    return process_after_isr(isr, refcat, config, {"isr": time.perf_counter() - start},
+                             on_stage)
+
+
+def process_after_isr(isr: IsrResult, refcat: pd.DataFrame | None = None,
+                      config: SingleVisitConfig | None = None,
+                      timings: dict[str, float] | None = None,
+                      on_stage: Callable[[str], None] | None = None) -> SingleVisitResult:
+    """Characterization and calibration of an ISR result: :func:`process_exposure` after
+    :func:`~apqa.pipeline.isr.run_isr`, for callers that let the raw and calibration frames go
+    once ISR is done (they are a third of a unit's memory at its peak).
+
+    ``timings`` (s per stage so far) are extended and returned in the result.
+    """
+    config = config or SingleVisitConfig()
+    on_stage = on_stage or (lambda _: None)
+    timings = dict(timings or {})
     start = time.perf_counter()
     on_stage("characterize")
     char = characterize(isr.exposure, config.characterize)
@@ -94,7 +109,7 @@ def process_exposure(raw: Exposure, bias: Exposure | None = None, flat: Exposure
     timings["calibrate"] = time.perf_counter() - start
 
     sources = _pixel_flags(cal.exposure, cal.sources, char.quality["psf_fwhm_px"])
-    visit = raw.visit_info
+    visit = isr.exposure.visit_info
     sources["visit"] = visit.visit if visit else 0
     sources["detector"] = visit.detector if visit else 0
     base = (sources["visit"].astype(np.int64) * 1000 + sources["detector"]) * 1_000_000
