@@ -9,14 +9,16 @@ memory compaction. Measured on the standard 2-core machine, one ``inject-and-run
 from 9.5 s to 6.8 s with the same peak memory.
 
 Every thread other than the main one allocates from an arena of its own, made of 64 MiB heaps
-that glibc maps and unmaps as they fill and empty. A Dask worker runs its tasks in such a
-thread: its image buffers came from those heaps, and a unit peaked at 1.65 GB. The worker
-processes apqa starts get one arena for the whole process (:data:`WORKER_ENVIRON`, read by
-glibc when the process starts): measured on the standard machine, a unit on a worker then
-peaked at 1.2 GB, with half the page faults and a third less kernel time. The command line
-keeps its threads' arenas: ``apqa diff`` prepares its two images in two threads, whose
-interleaved buffers in one heap raised its peak from 1.34 to 1.57 GB, and on the project's
-virtual machines the first touch of memory, not the number of page faults, is what costs.
+that glibc maps and unmaps as they fill and empty, and a buffer too large for such a heap is
+mapped on its own (whatever ``M_MMAP_MAX`` says) and unmapped when freed: each one faults in
+afresh. One arena for the whole process keeps every buffer in the reusable main heap. A Dask
+worker runs its tasks in a thread: with one arena a unit on a worker peaked at 1.2 GB instead
+of 1.65 GB, with half the page faults. ``apqa diff`` prepares its two images in two threads:
+one arena took its page faults from 0.55 to 0.34 million, its kernel time from 4-8 s to 2-3 s
+and its peak from 1.25 to 1.16-1.20 GB (measured on the standard machine, where the first touch
+of memory costs a fault in the host too). The command line sets it with ``mallopt`` before any
+thread starts; the worker processes apqa starts get it in their environment
+(:data:`WORKER_ENVIRON`), since a worker's threads exist before it could be set there.
 
 :func:`tune_allocator` is called by the command-line entry point and on the Dask workers that
 apqa starts. It changes nothing but speed: set ``APQA_TUNE_ALLOCATOR=0`` to keep the defaults.
@@ -32,6 +34,7 @@ import sys
 #: ``mallopt`` parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 #: Free memory above this at the top of the heap goes back to the system.
 TRIM_THRESHOLD_BYTES = 1 << 30
 #: Environment for the worker processes apqa starts: one malloc arena (read by glibc when the
@@ -40,18 +43,19 @@ WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 
 
 def tune_allocator() -> dict[str, bool]:
-    """Keep freed image buffers for reuse instead of unmapping them, and do not ask for
-    transparent huge pages for numpy arrays.
+    """Keep freed image buffers for reuse instead of unmapping them, in one arena for all
+    threads, and do not ask for transparent huge pages for numpy arrays.
 
-    Returns which of the two settings were applied (both are skipped where the platform
-    lacks them, e.g. not Linux/glibc, and when ``APQA_TUNE_ALLOCATOR=0``).
+    Returns which settings were applied (all are skipped where the platform lacks them, e.g.
+    not Linux/glibc, and when ``APQA_TUNE_ALLOCATOR=0``). Call it before threads start: a
+    thread that has allocated already keeps its own arena.
 
     Examples
     --------
     >>> sorted(tune_allocator())
-    ['glibc_heap', 'numpy_no_hugepages']
+    ['glibc_heap', 'numpy_no_hugepages', 'one_arena']
     """
-    applied = {"glibc_heap": False, "numpy_no_hugepages": False}
+    applied = {"glibc_heap": False, "numpy_no_hugepages": False, "one_arena": False}
     if os.environ.get("APQA_TUNE_ALLOCATOR", "1") == "0":
         return applied
     if "numpy" not in sys.modules:
@@ -73,6 +77,7 @@ def tune_allocator() -> dict[str, bool]:
             # Image buffers come from the heap and return to it: no mmap per array.
             applied["glibc_heap"] = bool(mallopt(_M_MMAP_MAX, 0)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+            applied["one_arena"] = bool(mallopt(_M_ARENA_MAX, 1))
     return applied
 
 

@@ -6,7 +6,8 @@ masked, which pixels hold sources (for noise statistics), a PSF model and a list
 stars for the matching kernel. Bright stars are found on binned pixels (a 4x4 bin keeps a star
 of S/N 10 well above threshold at a sixteenth of the cost) and measured at full resolution.
 
-``prepare_for_difference`` is pure: it returns a new exposure and leaves its input alone.
+``prepare_for_difference`` returns a new exposure and leaves its input alone, unless told it may
+reuse the input's planes (``overwrite_input``, for callers that read the image only for this).
 """
 
 from __future__ import annotations
@@ -228,8 +229,8 @@ def find_bright_sources(exposure: Exposure, config: PrepareConfig | None = None
     return sources
 
 
-def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = None
-                           ) -> PreparedImage:
+def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = None,
+                           overwrite_input: bool = False) -> PreparedImage:
     """Background-subtracted copy of ``exposure`` with masks, PSF model and bright sources.
 
     Parameters
@@ -239,6 +240,9 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         variance plane, as :meth:`Exposure.from_fits` reads a user's FITS file.
     config
         Settings.
+    overwrite_input
+        Work in the input's image and mask planes instead of copies (when they are writeable
+        native float32 and int): saves two image-sized buffers; the input is changed.
 
     Returns
     -------
@@ -253,12 +257,16 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         A flat or empty image, or too few stars for a PSF model (the message gives the count).
     """
     config = config or PrepareConfig()
-    mask = exposure.mask.copy()
     saturated = _saturation(exposure, config.saturation_grow)
+    reuse = overwrite_input and exposure.mask.array.flags.writeable
+    mask = exposure.mask if reuse else exposure.mask.copy()
     if saturated is not None:
         mask.set("SAT", saturated)
     masked = mask.is_set(["NO_DATA", "BAD", "SAT"])
-    image = np.array(exposure.image, dtype=np.float32, order="C")
+    image = exposure.image
+    if not (overwrite_input and image.dtype == np.float32 and image.flags.c_contiguous
+            and image.flags.writeable):
+        image = np.array(image, dtype=np.float32, order="C")
     sample = image[::7, ::7][~masked[::7, ::7]]  # a flat image is flat in any sample
     if not np.isfinite(sample).any() or np.ptp(sample) == 0:
         raise StageError("image is flat or empty: no background or sources to measure")

@@ -37,15 +37,15 @@ class DiffConfig(ConfigModel):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
 
 
-def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
-                     ) -> tuple[Exposure, pd.DataFrame | None]:
+def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
+                     overwrite_input: bool = False) -> tuple[Exposure, pd.DataFrame | None]:
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) or a template warped
     from one (``'warp'``) is used as it is; any
     other reduced image gets the light preparation of
     :func:`~apqa.pipeline.diffim.prepare.prepare_for_difference` (sky, saturation, cosmic
-    rays, source footprints, PSF model).
+    rays, source footprints, PSF model), in the input's own planes with ``overwrite_input``.
 
     Raises
     ------
@@ -59,7 +59,7 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None
     if obstype == "raw":
         raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
                          "(it needs a bias and a flat)")
-    prepared = prepare_for_difference(exposure, config.prepare)
+    prepared = prepare_for_difference(exposure, config.prepare, overwrite_input)
     return prepared.exposure, prepared.sources[["x", "y", "snr"]]
 
 
@@ -87,11 +87,14 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
     and FFT calls release the GIL), returning the science sources too.
 
     Each image may be given as a loader (e.g. ``lambda: Exposure.from_fits(path)``), which
-    then runs in the image's thread, so that reading overlaps too.
+    then runs in the image's thread, so that reading overlaps too, and the image it returns is
+    prepared in place (nobody else holds it).
     """
     def load_and_prepare(image: Exposure | Callable[[], Exposure]
                          ) -> tuple[Exposure, pd.DataFrame | None]:
-        return prepare_exposure(image if isinstance(image, Exposure) else image(), config)
+        if isinstance(image, Exposure):
+            return prepare_exposure(image, config)
+        return prepare_exposure(image(), config, overwrite_input=True)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         sci_future = pool.submit(load_and_prepare, science)
