@@ -45,7 +45,11 @@ from apqa.pipeline.run_layout import (
     write_parquet,
 )
 from apqa.pipeline.runner import RunConfig, peak_rss_bytes, run_pair
-from apqa.pipeline.single_visit import SingleVisitConfig, process_after_isr, process_exposure
+from apqa.pipeline.single_visit import (
+    SingleVisitConfig,
+    SingleVisitResult,
+    process_after_isr,
+)
 
 #: ``--fake-kinds`` names and the injection fake classes they draw.
 FAKE_KINDS = {"point": "isolated", "hosted": "hosted", "variable": "variable",
@@ -108,10 +112,8 @@ def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, det
     (folder / UNIT_FILE).unlink(missing_ok=True)
     start, started = time.perf_counter(), time.time()
     try:
-        inputs = source.load(visit, detector)
         with _one_blas_thread():
-            result = process_exposure(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
-                                      source.refcat(), config.single_visit)
+            result, _ = _load_and_process(source, config, visit, detector)
         write_exposure(result.calexp, path)
         record = {**base, "status": "done", "timings": result.timings,
                   "quality": result.quality, "checksums": _checksums(folder, ["calexp.fits"])}
@@ -148,30 +150,37 @@ def _real_ids(dia: pd.DataFrame, matched: pd.DataFrame, truth: pd.DataFrame | No
     return sorted(ids)
 
 
+def _load_and_process(source: DatasetSource, config: InjectRunConfig, visit: int,
+                      detector: int) -> tuple[SingleVisitResult, pd.DataFrame | None]:
+    """Load a visit-detector (simulated, for the embedded datasets) and run single-visit
+    processing on it; returns the result (``load`` among its timings) and the truth table.
+
+    The raw pixels and calibration frames go once ISR is done, before characterization: a
+    process's peak memory is what limits how many run side by side, and on the project's
+    virtual machines every fresh page costs.
+    """
+    start = time.perf_counter()
+    inputs = source.load(visit, detector)
+    timings = {"load": time.perf_counter() - start}
+    start = time.perf_counter()
+    isr = run_isr(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
+                  config.single_visit.isr)
+    timings["isr"] = time.perf_counter() - start
+    truth = inputs.truth
+    del inputs
+    return process_after_isr(isr, source.refcat(), config.single_visit, timings), truth
+
+
 def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: int,
                   detector: int, folder: Path, template: dict) -> dict:
     if template["status"] == "failed":
         raise StageError(f"template visit {template['visit']} of detector {detector} failed: "
                          f"{template['error']}")
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    inputs = source.load(visit, detector)  # simulated, for the embedded datasets
-    timings["load"] = time.perf_counter() - start
     start = time.perf_counter()
     template_exp = Exposure.from_fits(template["path"])
-    timings["read_template"] = time.perf_counter() - start
-    start = time.perf_counter()
-    isr = run_isr(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
-                  config.single_visit.isr)
-    timings["isr"] = time.perf_counter() - start
-    # Only the truth table is needed from here on: the raw pixels and calibration frames go
-    # before characterization (a unit's peak memory is what limits how many run side by
-    # side, and on the project's virtual machines every fresh page costs).
-    truth = inputs.truth
-    del inputs
-    single = process_after_isr(isr, source.refcat(), config.single_visit)
-    del isr
-    timings.update(single.timings)
+    read_template = time.perf_counter() - start
+    single, truth = _load_and_process(source, config, visit, detector)
+    timings = {**single.timings, "read_template": read_template}
     calexp, sci_sources, q = single.calexp, single.sources, single.quality
     del single
 
