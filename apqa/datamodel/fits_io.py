@@ -124,6 +124,18 @@ def _wcs_header(wcs: WCS) -> fits.Header:
         return wcs.to_header(relax=True)
 
 
+def _fitting(card: fits.Card) -> fits.Card:
+    """``card`` without its comment when a string value leaves the comment no room in one
+    80-character card (astropy would truncate it and warn on every write); longer values
+    continue over several cards, comment included."""
+    value = card.value
+    if isinstance(value, str) and card.comment and len(value) + 2 <= 70:
+        # KEYWORD = 'value' / comment, the quoted value padded to 20 characters.
+        if 10 + max(len(value.replace("'", "''")) + 2, 20) + 3 + len(card.comment) > 80:
+            return fits.Card(card.keyword, value)
+    return card
+
+
 def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True) -> Path:
     """Write ``exposure`` as an apqa multi-extension FITS file, atomically.
 
@@ -140,7 +152,7 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
         if card.keyword and card.keyword not in _RESERVED and (
             card.keyword not in header or card.keyword in ("COMMENT", "HISTORY")
         ):
-            header.append(card)
+            header.append(_fitting(card))
     if exposure.visit_info is not None:
         for attr, (key, comment) in _VISIT_CARDS.items():
             value = getattr(exposure.visit_info, attr)
@@ -328,9 +340,7 @@ def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
 
     metadata = fits.Header()
     metadata["VARSRC"] = ("pixels+gain" if gain is not None else "pixels", "variance model")
-    # A long file name leaves no room for the comment (astropy would warn on every write).
-    name = Path(source).name
-    metadata["SRCFILE"] = (name, "file the exposure was read from") if len(name) <= 34 else name
+    metadata["SRCFILE"] = (Path(source).name, "file the exposure was read from")
     visit_info = VisitInfo(
         visit=_integer_id(header, ("VISIT", "EXPNUM", "EXPID")),
         detector=_integer_id(header, ("CCDNUM", "DETECTOR")),
