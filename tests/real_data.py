@@ -2,7 +2,8 @@
 
 ``APQA_REAL_DATA`` points elsewhere (``.ci/run`` sets it when it finds the folder beside a
 clone's origin rather than beside the clone). Tests that need a folder skip, naming the path
-and the variable, when it is missing.
+and the variable, when it is missing; under CI (``CI`` set, as ``.ci/run`` is run) they fail
+instead, so that a CI run never passes without the real images.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def require_real_data(folder: str) -> Path:
     """The real-data folder ``folder``; skips the test when it is not there."""
     path = REAL_DATA / folder
     if not path.is_dir():
-        pytest.skip(f"{path} not found (real test data kept outside the repository; set "
-                    "APQA_REAL_DATA to its data/real folder)")
+        message = (f"{path} not found (real test data kept outside the repository; set "
+                   "APQA_REAL_DATA to its data/real folder)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
     return path
