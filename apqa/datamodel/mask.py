@@ -27,6 +27,7 @@ DEFAULT_PLANES: tuple[str, ...] = (
 
 MASK_DTYPE = np.int32
 _HEADER_PREFIX = "MP_"
+_ROWS = 256  # rows per block in set/is_set: a block of a 4k-wide image is 4 MB
 
 
 def stored_pixels(array: np.ndarray, dtype: type) -> np.ndarray:
@@ -109,7 +110,24 @@ class Mask:
 
     def set(self, name: str, where: np.ndarray | tuple) -> None:
         """Set plane ``name`` where the boolean array (or index) ``where`` selects."""
-        self.array[where] |= MASK_DTYPE(self.bitmask(name))
+        bit = MASK_DTYPE(self.bitmask(name))
+        if not (isinstance(where, np.ndarray) and where.dtype == bool
+                and where.shape == self.array.shape):
+            self.array[where] |= bit
+            return
+        selected = np.count_nonzero(where)
+        if selected * 64 < where.size:  # sparse: a masked ufunc touches only those pixels
+            if selected:
+                np.bitwise_or(self.array, bit, out=self.array, where=where)
+            return
+        # Dense: OR in (where * bit) by blocks of rows; boolean indexing would gather and
+        # scatter every selected pixel, ten times slower on an image-sized plane.
+        block = np.empty((min(_ROWS, self.array.shape[0]), self.array.shape[1]), MASK_DTYPE)
+        for start in range(0, self.array.shape[0], _ROWS):
+            rows = self.array[start:start + _ROWS]
+            part = block[:len(rows)]
+            np.multiply(where[start:start + _ROWS], bit, out=part)
+            np.bitwise_or(rows, part, out=rows)
 
     def clear(self, name: str) -> None:
         """Clear plane ``name`` everywhere."""
@@ -117,7 +135,17 @@ class Mask:
 
     def is_set(self, names: str | Iterable[str]) -> np.ndarray:
         """Boolean array: any of ``names`` set."""
-        return (self.array & self.bitmask(names)) != 0
+        bits = self.bitmask(names)
+        height, width = self.array.shape
+        selected = np.empty((height, width), dtype=bool)
+        # By blocks of rows: no image-sized integer temporary to allocate and fault in.
+        block = np.empty((min(_ROWS, height), width), MASK_DTYPE)
+        for start in range(0, height, _ROWS):
+            rows = self.array[start:start + _ROWS]
+            part = block[:len(rows)]
+            np.bitwise_and(rows, bits, out=part)
+            np.not_equal(part, 0, out=selected[start:start + _ROWS])
+        return selected
 
     def copy(self) -> Mask:
         return Mask(self.array.copy(), self.planes)

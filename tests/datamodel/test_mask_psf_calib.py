@@ -69,6 +69,27 @@ def test_set_is_set_clear():
     assert not mask.array[1:].any()
 
 
+
+@pytest.mark.parametrize("density", [0.0, 1e-3, 0.4, 1.0])
+def test_set_and_is_set_on_image_sized_planes_match_plain_bit_arithmetic(density):
+    """Sparse and dense selections (two code paths), several blocks of rows and a partial last
+    block, bits in the upper half of int32, and a read-only big-endian (memory-mapped) plane."""
+    rng = np.random.default_rng(3)
+    start = rng.integers(0, 2**30, (601, 173)).astype(np.int32)
+    where = rng.random(start.shape) < density
+    mask = Mask(start.copy())
+    bit = mask.add_plane("WIDE_BIT_PLANE")
+    for _ in range(2):  # idempotent
+        mask.set("WIDE_BIT_PLANE", where)
+    assert np.array_equal(mask.array, start | (where.astype(np.int32) << bit))
+    assert np.array_equal(mask.is_set(["SAT", "WIDE_BIT_PLANE"]),
+                          (mask.array & ((1 << 1) | (1 << bit))) != 0)
+    mapped = mask.array.astype(">i4")
+    mapped.flags.writeable = False
+    stored = Mask(mapped, mask.planes)
+    assert stored.array is mapped
+    assert np.array_equal(stored.is_set("WIDE_BIT_PLANE"), mask.is_set("WIDE_BIT_PLANE"))
+
 def test_highest_bit_plane():
     mask = Mask.zeros((3, 3), {"LOW": 0, "TOP": 30})
     mask.set("TOP", (1, 1))

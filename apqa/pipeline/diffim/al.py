@@ -91,6 +91,15 @@ def _subtract_background(image: np.ndarray, uu: np.ndarray, vv: np.ndarray,
         image[rows] -= constant[rows] + slope[rows] * uu + quadratic
 
 
+def _weighted_sum(a: np.ndarray, wa: np.float32, b: np.ndarray, wb: np.float32) -> np.ndarray:
+    """``a * wa + wb * b`` in float32, a block of rows at a time (one image-sized array)."""
+    out = np.multiply(a, wa, dtype=np.float32)
+    for r0 in range(0, out.shape[0], 256):
+        rows = slice(r0, r0 + 256)
+        out[rows] += wb * b[rows]
+    return out
+
+
 def _detect_candidates(target: Exposure) -> pd.DataFrame:
     """Sources of the target image (x, y, snr), found on binned pixels."""
     return find_bright_sources(target)[["x", "y", "snr"]]
@@ -120,16 +129,22 @@ def _variance_factor(warp: str | None) -> float:
 
 def decorrelation_filter(kernel_power: np.ndarray, ksum: float, target_var: float,
                          ref_var: float, target_power: np.ndarray | float = 1.0,
-                         ref_power: np.ndarray | float = 1.0) -> np.ndarray:
-    """``sqrt((t + c kSum^2) / (t P_t(k) + c |K(k)|^2 P_r(k)))`` in float32.
+                         ref_power: np.ndarray | float = 1.0, overwrite_power: bool = False
+                         ) -> np.ndarray:
+    """``sqrt((t + c kSum^2) / (t P_t(k) + c |K(k)|^2 P_r(k)))`` (float32 for float32 power).
 
     ``t``, ``c`` are the white-noise variances of the target and of the convolved image and
     ``P_t``, ``P_r`` their noise power transfers (1, or a warp's); the filtered difference has
     white noise of variance ``t + c kSum^2``, and the filter is 1 at k = 0 (flux preserved).
+    With ``overwrite_power`` the filter is built in ``kernel_power``'s own (float32) buffer.
     """
-    denominator = np.float32(ref_var) * kernel_power * ref_power
-    denominator += np.float32(target_var) * target_power
-    return np.sqrt(np.float32(target_var + ref_var * ksum**2) / denominator)
+    phi = kernel_power if overwrite_power else kernel_power.astype(
+        np.result_type(kernel_power.dtype, np.float32))
+    phi *= np.float32(ref_var)
+    phi *= ref_power
+    phi += np.float32(target_var) * target_power
+    np.divide(np.float32(target_var + ref_var * ksum**2), phi, out=phi)
+    return np.sqrt(phi, out=phi)
 
 
 def decorrelation_kernel(kernel: np.ndarray, unconvolved_var: float, convolved_var: float,
@@ -194,13 +209,13 @@ def _psf_through_kernel(psf: Psf, kernels: list[np.ndarray], phi: np.ndarray | N
     return GridPsf(xs, ys, np.array(rows))
 
 
-def _residual_background(diff: np.ndarray, sky: np.ndarray, mesh: int) -> np.ndarray:
-    """Smooth background of ``diff`` from its ``sky`` pixels (sep meshes, 3x3 median filter)."""
+def _subtract_residual_background(diff: np.ndarray, sky: np.ndarray, mesh: int) -> None:
+    """Subtract from ``diff`` (C-contiguous float32, in place) its smooth background, measured
+    on its ``sky`` pixels (sep meshes, 3x3 median filter)."""
     height, width = diff.shape
     mesh = min(mesh, height, width)
-    bkg = sep.Background(np.ascontiguousarray(diff, np.float32), mask=~sky, bw=mesh, bh=mesh,
-                         fw=3, fh=3)
-    return bkg.back()
+    bkg = sep.Background(diff, mask=~sky, bw=mesh, bh=mesh, fw=3, fh=3)
+    bkg.subfrom(diff)
 
 
 def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndarray,
@@ -253,8 +268,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
         power = np.abs(fk0)
         power *= power
         phi = decorrelation_filter(power, ksum, u_var, c_var, _warp_power(warps[0], shape, True),
-                                   _warp_power(warps[1], shape, True))
-        del power
+                                   _warp_power(warps[1], shape, True), overwrite_power=True)
     acc = sfft.rfft2(target, s=shape)
     fk0 *= fr
     acc -= fk0
@@ -276,7 +290,7 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
         del product
         term_image *= coord
         out -= term_image
-    return out
+    return np.ascontiguousarray(out)  # frees the padding, and later stages work in place
 
 
 def _zero_where(image: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -368,12 +382,12 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         # Sources found before injection are DETECTED; injected fakes carry their own planes.
         busy = ["DETECTED", "CR", "INJECTED", "INJECTED_TEMPLATE"]
         sky = good & ~edge & ~no_data & ~(science.mask.is_set(busy) | template.mask.is_set(busy))
-        diff -= _residual_background(diff, sky, config.residual_background_mesh)
+        _subtract_residual_background(diff, sky, config.residual_background_mesh)
     psf = science.psf
     if config.decorrelate:
         phi = decorrelation_kernel(kernel.kernels[0], u_var, c_var, 2 * size + 1, *warps)
-        variance = (target.variance * np.float32(1 / factors[0])
-                    + np.float32(ksum**2 / factors[1]) * ref.variance)
+        variance = _weighted_sum(target.variance, np.float32(1 / factors[0]), ref.variance,
+                                 np.float32(ksum**2 / factors[1]))
     else:
         phi = None
         ref_var = np.where(np.isfinite(ref.variance), ref.variance, 0)
