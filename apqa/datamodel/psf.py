@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-import galsim
 import numpy as np
 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -47,6 +46,8 @@ def measure_fwhm(kernel: np.ndarray) -> float:
 
     Returns ``nan`` when the moments do not converge.
     """
+    import galsim  # here: galsim takes 0.1 s to import, and most commands never need it
+
     image = galsim.ImageD(np.ascontiguousarray(kernel, dtype=np.float64))
     result = image.FindAdaptiveMom(strict=False)
     if result.moments_status != 0:
