@@ -106,3 +106,26 @@ def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
     assert [t["status"] for t in again.templates] == ["skipped"]
     assert finished(unit_dir(out, 410002, 1))
     _assert_same_metrics(again.measurements, report.measurements)
+
+
+def _worker_settings() -> dict:
+    import dask
+    from distributed import get_worker
+
+    worker = get_worker()
+    return {"profile": dask.config.get("distributed.worker.profile.enabled"),
+            "profiler_running": "profile" in worker.periodic_callbacks,
+            "monitor_interval": worker.periodic_callbacks["monitor"].callback_time}
+
+
+def test_local_cluster_workers_run_without_dashboard_monitoring(monkeypatch):
+    """The LocalCluster apqa starts has no dashboard: its workers do not profile the units
+    they run, and their system monitor samples every 5 s (Dask's default: 10 ms, 0.5 s)."""
+    from apqa.pipeline import run_exec
+
+    seen = []
+    # The real executor on a real LocalCluster, with a probe in place of the pipeline.
+    monkeypatch.setattr(run_exec, "_on_dask", lambda client, plan, on_unit: seen.append(
+        client.submit(_worker_settings, pure=False).result()) or ([], []))
+    run_exec.execute(None, "local:1", lambda record: None)
+    assert seen == [{"profile": False, "profiler_running": False, "monitor_interval": 5000}]
