@@ -4,7 +4,8 @@ throughput on a Dask LocalCluster with 1 and 2 worker processes.
 Each measurement is a whole ``apqa inject-and-run`` process timed with ``/usr/bin/time -v``
 (wall time, peak RSS of the driver); per-stage times and per-worker peak memory come from the
 units' ``unit.json``. Run: ``python benchmarks/bench_runner.py [--units N] [--out DIR]``
-(the issue's scaling target uses 16 units; fewer give a reduced run).
+(the issue's scaling target uses 16 units; fewer give a reduced run; without --out the ~11 GB of
+runs go to a temporary folder that is removed at the end).
 """
 
 from __future__ import annotations
@@ -62,11 +63,20 @@ def one_core(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--units", type=int, default=16, help="visit-detectors for scaling")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the runs here (~11 GB for 16 units); default: a temporary "
+                             "folder, removed at the end")
     args = parser.parse_args()
-    root = args.out or Path(tempfile.mkdtemp(prefix="bench_runner."))
-    root.mkdir(parents=True, exist_ok=True)
+    if args.out is None:  # the runs write ~11 GB: a temporary folder is removed afterwards
+        with tempfile.TemporaryDirectory(prefix="bench_runner.") as tmp:
+            run_all(Path(tmp), args.units)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_all(args.out, args.units)
 
+
+def run_all(root: Path, n_units: int) -> None:
+    """Every measurement, with the runs' outputs under ``root``."""
     default = timed_run(root / "default")
     print(f"default run (hits-sim, 2 units of 2048x4096, local:2): {default['wall']:.1f} s wall,"
           f" exit {default['exit']}, driver peak RSS {default['driver_peak_rss_gb']:.2f} GB")
@@ -77,7 +87,7 @@ def main() -> None:
 
     one_core(root / "one_core")
 
-    visits = max(1, args.units // 2)
+    visits = max(1, n_units // 2)
     results, phases = {}, {}
     for workers in (1, 2):
         res = timed_run(root / f"scale{workers}", "--visits", str(visits), "--detectors", "2",
