@@ -28,6 +28,7 @@ def test_block_writer_writes_the_bytes_astropy_writes(tmp_path, dtype):
     cube = rng.normal(size=(3, 5, 5))
     header = fits.Header()
     header["OBJECT"] = ("field", "a comment")
+    # No EXTEND card: the HDU list adds it, as it must for a file with extensions.
     hdus = [fits.PrimaryHDU(header=header), fits.ImageHDU(plane, name="PLANE"),
             fits.ImageHDU(cube, name="CUBE")]
     before = plane.copy()
@@ -36,6 +37,7 @@ def test_block_writer_writes_the_bytes_astropy_writes(tmp_path, dtype):
     assert (tmp_path / "ours.fits").read_bytes() == (tmp_path / "astropy.fits").read_bytes()
     assert np.array_equal(plane, before) and plane.dtype == np.dtype(dtype)
     with fits.open(tmp_path / "ours.fits") as back:
+        assert back[0].header["EXTEND"] is True
         assert np.array_equal(back["PLANE"].data, plane)
 
 
