@@ -7,9 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
-from astropy.io import fits
 from rich.console import Console
 
 from apqa.cli.app import all_cores, app, fail, prose
@@ -42,6 +40,9 @@ def diff(
     config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
+    import numpy as np
+    from astropy.io import fits
+
     from apqa.datamodel import Exposure
     from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from apqa.cli.app import app, fail, prose
-from apqa.datamodel import Exposure
 from apqa.errors import ApqaError
+
+if TYPE_CHECKING:
+    from apqa.datamodel import Exposure
 
 EPILOG = prose("""Examples:
 
@@ -25,6 +26,8 @@ EPILOG = prose("""Examples:
 
 def exposure_summary(exposure: Exposure) -> dict:
     """A JSON-able summary of an exposure: pixels, WCS, PSF, calibration, visit info."""
+    import numpy as np
+
     mask = exposure.mask
     summary: dict = {
         "shape": list(exposure.shape),
@@ -59,6 +62,8 @@ def inspect(
     = False,
 ) -> None:
     """Show what apqa reads from a FITS exposure: shape, WCS, PSF, calibration, visit info."""
+    from apqa.datamodel import Exposure
+
     try:
         summary = exposure_summary(Exposure.from_fits(path))
     except ApqaError as exc:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -16,6 +15,9 @@ from apqa.atomic import write_json, write_parquet
 from apqa.cli.app import all_cores, app, fail, prose
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EPILOG = prose("""Examples:
 
@@ -32,6 +34,8 @@ configuration and versions).
 
 
 def _read_defects(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not path.is_file():
         raise InputError(f"{path}: defects file not found")
     try:

@@ -13,7 +13,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from apqa.cli.app import app, fail, prose
 from apqa.config import config_from_mapping, load_config
 from apqa.errors import ApqaError
-from apqa.sim.config import SimulationConfig
 
 EPILOG = prose("""Examples:
 
@@ -44,6 +43,9 @@ def simulate(
 ) -> None:
     """Simulate an embedded survey dataset: raw exposures, calibration frames, a reference
     catalog and truth tables, listed in DIR/manifest.json."""
+    # Here, not at the top: the simulator's imports take a second, and `apqa --help` loads
+    # every command module.
+    from apqa.sim.config import SimulationConfig
     from apqa.sim.survey import SurveySimulator
 
     try:

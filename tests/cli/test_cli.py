@@ -33,6 +33,20 @@ def test_version_and_help():
     assert "Examples" in result.stdout and "--dataset" in result.stdout
 
 
+def test_help_imports_no_science_stack():
+    """``apqa --help`` loads every command module: none may import numpy, pandas, astropy,
+    scipy, galsim or the simulator at module level (they took 1.4 s of every help)."""
+    probe = ("import sys; sys.argv = ['apqa', '--help']\n"
+             "from apqa.cli.app import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "heavy = ('numpy', 'pandas', 'astropy', 'scipy', 'galsim', 'apqa.sim')\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m == 'apqa.sim'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Usage" in out and "inject-and-run" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_prose_joins_paragraph_lines_and_keeps_examples():
     text = "Examples:\n\n  apqa diff --out d.fits\n  --score s.fits\n\nOutputs go\nto OUT.\n"
     assert prose(text) == ("Examples:\n\n  apqa diff --out d.fits\n  --score s.fits\n\n"
