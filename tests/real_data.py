@@ -1,9 +1,9 @@
 """Where the small real images kept beside the repository are (``../shared/data/real``).
 
 ``APQA_REAL_DATA`` points elsewhere (``.ci/run`` sets it when it finds the folder beside a
-clone's origin rather than beside the clone). Tests that need a folder skip, naming the path
-and the variable, when it is missing; under CI (``CI`` set, as ``.ci/run`` is run) they fail
-instead, so that a CI run never passes without the real images.
+clone's origin rather than beside the clone). A test that needs a missing folder fails, naming
+the path and the variable: a run never passes without the real images unless its user asks
+for that with ``APQA_SKIP_REAL_DATA=1`` (a checkout without them), and then those tests skip.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ REAL_DATA = Path(os.environ.get("APQA_REAL_DATA")
 
 
 def require_real_data(folder: str) -> Path:
-    """The real-data folder ``folder``; skips the test when it is not there."""
+    """The real-data folder ``folder``; fails the test when it is not there (skips it when
+    ``APQA_SKIP_REAL_DATA=1`` says the run is meant to go without the real images)."""
     path = REAL_DATA / folder
-    if not path.is_dir():
-        message = (f"{path} not found (real test data kept outside the repository; set "
-                   "APQA_REAL_DATA to its data/real folder)")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
+    if path.is_dir():
+        return path
+    message = (f"{path} not found (real test data kept outside the repository; set "
+               "APQA_REAL_DATA to its data/real folder, or APQA_SKIP_REAL_DATA=1 to skip)")
+    if os.environ.get("APQA_SKIP_REAL_DATA") == "1":
         pytest.skip(message)
-    return path
+    pytest.fail(message)
