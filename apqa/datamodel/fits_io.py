@@ -29,6 +29,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import maximum_filter, uniform_filter
 
 from apqa.atomic import write_atomically
+from apqa.datamodel.blocks import ROWS, row_blocks
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.mask import Mask
 from apqa.datamodel.photocalib import PhotoCalib
@@ -192,9 +193,6 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
     return write_atomically(path, lambda tmp: _write_hdus(fits.HDUList(hdus), tmp))
 
 
-_BLOCK_ROWS = 256  # rows converted to big-endian at a time
-
-
 def _write_hdus(hdus: fits.HDUList, path: str) -> None:
     """Write ``hdus`` as FITS: astropy's headers (checked as ``writeto`` checks them), the data
     converted to big-endian a block of rows at a time.
@@ -215,11 +213,11 @@ def _write_hdus(hdus: fits.HDUList, path: str) -> None:
             if data is None:
                 continue
             rows = data.reshape(-1, data.shape[-1]) if data.ndim != 2 else data
-            block = np.empty((min(_BLOCK_ROWS, len(rows)), rows.shape[1]),
-                             rows.dtype.newbyteorder(">"))
-            for start in range(0, len(rows), _BLOCK_ROWS):
-                part = block[:len(rows[start:start + _BLOCK_ROWS])]
-                part[...] = rows[start:start + _BLOCK_ROWS]
+            block = np.empty((min(ROWS, len(rows)), rows.shape[1]), rows.dtype.newbyteorder(">"))
+            for part_rows in row_blocks(len(rows)):
+                source = rows[part_rows]
+                part = block[:len(source)]
+                part[...] = source
                 stream.write(part)
             stream.write(bytes(-data.nbytes % 2880))  # pad to whole FITS blocks
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from astropy.io import fits
 
+from apqa.datamodel.blocks import ROWS, row_blocks
 from apqa.errors import InputError
 
 #: Default planes, in bit order. New planes are appended, never renumbered.
@@ -27,7 +28,6 @@ DEFAULT_PLANES: tuple[str, ...] = (
 
 MASK_DTYPE = np.int32
 _HEADER_PREFIX = "MP_"
-_ROWS = 256  # rows per block in set/is_set: a block of a 4k-wide image is 4 MB
 
 
 def stored_pixels(array: np.ndarray, dtype: type) -> np.ndarray:
@@ -122,12 +122,12 @@ class Mask:
             return
         # Dense: OR in (where * bit) by blocks of rows; boolean indexing would gather and
         # scatter every selected pixel, ten times slower on an image-sized plane.
-        block = np.empty((min(_ROWS, self.array.shape[0]), self.array.shape[1]), MASK_DTYPE)
-        for start in range(0, self.array.shape[0], _ROWS):
-            rows = self.array[start:start + _ROWS]
-            part = block[:len(rows)]
-            np.multiply(where[start:start + _ROWS], bit, out=part)
-            np.bitwise_or(rows, part, out=rows)
+        block = np.empty((min(ROWS, self.array.shape[0]), self.array.shape[1]), MASK_DTYPE)
+        for rows in row_blocks(self.array.shape[0]):
+            target = self.array[rows]
+            part = block[:len(target)]
+            np.multiply(where[rows], bit, out=part)
+            np.bitwise_or(target, part, out=target)
 
     def clear(self, name: str) -> None:
         """Clear plane ``name`` everywhere."""
@@ -139,12 +139,12 @@ class Mask:
         height, width = self.array.shape
         selected = np.empty((height, width), dtype=bool)
         # By blocks of rows: no image-sized integer temporary to allocate and fault in.
-        block = np.empty((min(_ROWS, height), width), MASK_DTYPE)
-        for start in range(0, height, _ROWS):
-            rows = self.array[start:start + _ROWS]
-            part = block[:len(rows)]
-            np.bitwise_and(rows, bits, out=part)
-            np.not_equal(part, 0, out=selected[start:start + _ROWS])
+        block = np.empty((min(ROWS, height), width), MASK_DTYPE)
+        for rows in row_blocks(height):
+            source = self.array[rows]
+            part = block[:len(source)]
+            np.bitwise_and(source, bits, out=part)
+            np.not_equal(part, 0, out=selected[rows])
         return selected
 
     def copy(self) -> Mask:

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, GridPsf, Mask, PolynomialPsf, Psf
+from apqa.datamodel.blocks import row_blocks
 from apqa.errors import StageError
 from apqa.pipeline.diffim.al_kernel import (
     MatchingKernel,
@@ -86,16 +87,14 @@ def _subtract_background(image: np.ndarray, uu: np.ndarray, vv: np.ndarray,
     constant = c[0] + c[2] * vv + c[5] * vv * vv
     slope = c[1] + c[4] * vv
     quadratic = c[3] * uu * uu
-    for r0 in range(0, image.shape[0], 256):
-        rows = slice(r0, r0 + 256)
+    for rows in row_blocks(image.shape[0]):
         image[rows] -= constant[rows] + slope[rows] * uu + quadratic
 
 
 def _weighted_sum(a: np.ndarray, wa: np.float32, b: np.ndarray, wb: np.float32) -> np.ndarray:
     """``a * wa + wb * b`` in float32, a block of rows at a time (one image-sized array)."""
     out = np.multiply(a, wa, dtype=np.float32)
-    for r0 in range(0, out.shape[0], 256):
-        rows = slice(r0, r0 + 256)
+    for rows in row_blocks(out.shape[0]):
         out[rows] += wb * b[rows]
     return out
 
