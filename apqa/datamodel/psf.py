@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import scipy.fft as sfft
 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 #: The Moffat profile is tapered smoothly to zero between this fraction of the truncation
@@ -367,6 +368,21 @@ class PolynomialPsf(_CcdFwhm):
         xx, yy = np.meshgrid(xs, ys)
         images = self.images_at(xx.ravel(), yy.ravel())
         return GridPsf(xs, ys, images.reshape(ny, nx, *images.shape[1:]))
+
+
+def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """'full' 2-d convolution of two arrays by FFT, as ``scipy.signal.fftconvolve(a, b)``
+    computes it (scipy.signal takes 0.7 s to import).
+
+    Examples
+    --------
+    >>> convolve_full(np.ones((2, 2)), np.ones((3, 3))).shape
+    (4, 4)
+    """
+    shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
+    fast = (sfft.next_fast_len(shape[0], real=True), sfft.next_fast_len(shape[1], real=True))
+    product = sfft.rfft2(a, s=fast) * sfft.rfft2(b, s=fast)
+    return sfft.irfft2(product, s=fast)[:shape[0], :shape[1]]
 
 
 def shift_kernels(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:

@@ -1,28 +1,14 @@
-"""FFT convolutions with scipy.fft: small 'full' convolutions (PSF stamps) and image-sized
-'same' convolutions that share the image's transform between kernels.
+"""FFT convolutions with scipy.fft: image-sized 'same' convolutions that share the image's
+transform between kernels, and kernel spectra (small 'full' convolutions are
+:func:`apqa.datamodel.psf.convolve_full`, which the simulator uses too).
 
-scipy.signal has the same operations but costs half a second to import; these two are all the
-pipeline needs.
+scipy.signal has the same operations but costs half a second to import.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.fft as sfft
-
-
-def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """'full' 2-d convolution of two small arrays (float64).
-
-    Examples
-    --------
-    >>> convolve_full(np.ones((2, 2)), np.ones((3, 3))).shape
-    (4, 4)
-    """
-    shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
-    fast = (sfft.next_fast_len(shape[0], real=True), sfft.next_fast_len(shape[1], real=True))
-    product = sfft.rfft2(a, s=fast) * sfft.rfft2(b, s=fast)
-    return sfft.irfft2(product, s=fast)[:shape[0], :shape[1]]
 
 
 def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarray]:

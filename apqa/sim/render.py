@@ -12,10 +12,9 @@ from __future__ import annotations
 import galsim
 import numpy as np
 import pandas as pd
-import scipy.fft as sfft
 from astropy.wcs import WCS
 
-from apqa.datamodel.psf import MoffatPsf, render_moffat_stamps
+from apqa.datamodel.psf import MoffatPsf, convolve_full, render_moffat_stamps
 
 _CHUNK = 64
 
@@ -130,15 +129,6 @@ def galaxy_layer(shape: tuple[int, int], galaxies: pd.DataFrame, jac: np.ndarray
     return layer
 
 
-def _convolve_full(block: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """'full' convolution by FFT, as ``scipy.signal.fftconvolve(block, kernel, "full")``
-    computes it; scipy.signal takes 0.7 s to import, in every process that simulates."""
-    shape = (block.shape[0] + kernel.shape[0] - 1, block.shape[1] + kernel.shape[1] - 1)
-    fast = tuple(sfft.next_fast_len(n, real=True) for n in shape)
-    product = sfft.rfft2(block, fast) * sfft.rfft2(kernel, fast)
-    return sfft.irfft2(product, fast)[:shape[0], :shape[1]]
-
-
 def convolve_tiles(layer: np.ndarray, psf: MoffatPsf, tile: int = 512) -> np.ndarray:
     """Convolve ``layer`` with the PSF at each tile's centre (overlap-add; flux-conserving)."""
     out = np.zeros_like(layer)
@@ -152,7 +142,7 @@ def convolve_tiles(layer: np.ndarray, psf: MoffatPsf, tile: int = 512) -> np.nda
             if not block.any():
                 continue
             kernel = psf.image_at((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, size)
-            conv = _convolve_full(block, kernel)
+            conv = convolve_full(block, kernel)
             oy0, ox0 = y0 - h, x0 - h
             cy0, cx0 = max(oy0, 0), max(ox0, 0)
             cy1, cx1 = min(oy0 + conv.shape[0], height), min(ox0 + conv.shape[1], width)

@@ -21,6 +21,7 @@ from pydantic import Field
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, GridPsf, Mask, PolynomialPsf, Psf
 from apqa.datamodel.blocks import row_blocks
+from apqa.datamodel.psf import convolve_full
 from apqa.errors import StageError
 from apqa.pipeline.diffim.al_kernel import (
     MatchingKernel,
@@ -32,7 +33,7 @@ from apqa.pipeline.diffim.al_kernel import (
 )
 from apqa.pipeline.diffim.prepare import find_bright_sources
 from apqa.pipeline.diffim.warp_resample import noise_transfer
-from apqa.pipeline.fftconv import centred_kernel_spectrum, convolve_full, convolve_same
+from apqa.pipeline.fftconv import centred_kernel_spectrum, convolve_same
 from apqa.pipeline.pixels import grow_square
 
 SIGMA_TO_FWHM = 2.3548

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from apqa.datamodel import Exposure
-from apqa.pipeline.fftconv import convolve_full
+from apqa.datamodel.psf import convolve_full
 
 
 def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm: float,
