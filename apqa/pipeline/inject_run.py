@@ -15,19 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apqa import __version__
-from apqa.ci import GateReport, evaluate_gate, load_thresholds
 from apqa.config import config_hash
 from apqa.errors import InputError
-from apqa.metrics.registry import Measurement
 from apqa.pipeline.run_data import DatasetSource
-from apqa.pipeline.run_driver import RunAssociator, run_metrics, runtime_records, timed
-from apqa.pipeline.run_exec import Plan, check_scheduler, execute
+from apqa.pipeline.run_exec import Executor, Plan, check_scheduler
 from apqa.pipeline.run_layout import write_json
 from apqa.pipeline.run_units import InjectRunConfig, unit_seed
-from apqa.store import MetricStore
-from apqa.store.provenance import git_info, installed_versions
+
+if TYPE_CHECKING:
+    from apqa.ci import GateReport
+    from apqa.metrics.registry import Measurement
 
 
 @dataclass
@@ -89,35 +89,48 @@ def inject_and_run(opts: RunOptions, on_start: Callable[[int], None] | None = No
     stages: dict[str, float] = {}
     notify = on_stage or (lambda _: None)
     scheduler = check_scheduler(opts.scheduler) if opts.scheduler else None
-    thresholds = load_thresholds(opts.thresholds) if opts.thresholds else None
     source = DatasetSource.resolve(opts.dataset, _default_embedded_visits(opts),
                                    opts.n_detectors or 1, opts.seed, opts.config.crop,
                                    opts.config.spec_overrides)
     templates, units = source.plan(opts.n_visits, opts.n_detectors)
-    store = MetricStore(opts.db)
-    out = opts.out.resolve()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {opts.out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    default_apdb = out / "apdb.sqlite"
-    apdb_url = opts.apdb or str(default_apdb)
     scheduler = scheduler or ("local:2" if len(units) > 1 else "process")
-    (on_start or (lambda _: None))(len(units))
+    # A LocalCluster's workers start while the rest of the set-up runs; nothing is written
+    # until every input has been checked, and an input error closes the cluster again.
+    with Executor(scheduler) as executor:
+        # Imported here, not at the top: they import while the workers start.
+        from apqa.ci import evaluate_gate, load_thresholds
+        from apqa.pipeline.run_driver import (
+            RunAssociator,
+            run_metrics,
+            runtime_records,
+            timed,
+        )
+        from apqa.store import MetricStore
 
-    notify("units")
-    t = time.perf_counter()
-    plan = Plan(source, opts.config, opts.seed, str(out), templates, units, opts.resume)
-    if opts.apdb is None:  # the run's own APDB is rebuilt in visit order every time
-        default_apdb.unlink(missing_ok=True)
-    show_unit = on_unit or (lambda _: None)
+        thresholds = load_thresholds(opts.thresholds) if opts.thresholds else None
+        store = MetricStore(opts.db)
+        out = opts.out.resolve()
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {opts.out}: exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        default_apdb = out / "apdb.sqlite"
+        apdb_url = opts.apdb or str(default_apdb)
+        (on_start or (lambda _: None))(len(units))
 
-    def finished(record: dict) -> None:
-        show_unit(record)
-        associator.offer(record)  # associates it (and any units it unblocked) in time order
+        notify("units")
+        t = time.perf_counter()
+        plan = Plan(source, opts.config, opts.seed, str(out), templates, units, opts.resume)
+        if opts.apdb is None:  # the run's own APDB is rebuilt in visit order every time
+            default_apdb.unlink(missing_ok=True)
+        show_unit = on_unit or (lambda _: None)
 
-    with RunAssociator(out, units, apdb_url, opts.config) as associator:
-        template_records, records = execute(plan, scheduler, finished)
-        timed(stages, "units", t)
+        def finished(record: dict) -> None:
+            show_unit(record)
+            associator.offer(record)  # associates it (and any units it unblocked) in order
+
+        with RunAssociator(out, units, apdb_url, opts.config) as associator:
+            template_records, records = executor.run(plan, finished)
+            timed(stages, "units", t)
     # Association ran while later units were still running: its own time, overlapped.
     stages["associate"] = associator.seconds
     totals = associator.totals
@@ -146,6 +159,8 @@ def inject_and_run(opts: RunOptions, on_start: Callable[[int], None] | None = No
 
 
 def _provenance(opts: RunOptions, source: DatasetSource, report: RunReport) -> dict:
+    from apqa.store.provenance import git_info, installed_versions
+
     sha, branch = git_info()
     return {
         "apqa_version": __version__, "python": platform.python_version(),

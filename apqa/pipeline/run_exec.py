@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from apqa.allocator import tune_allocator, worker_environ
 from apqa.errors import InputError
-from apqa.pipeline.run_data import DatasetSource
-from apqa.pipeline.run_units import InjectRunConfig, run_template, run_unit
+
+if TYPE_CHECKING:
+    from apqa.pipeline.run_data import DatasetSource
+    from apqa.pipeline.run_units import InjectRunConfig
 
 _LOCAL = re.compile(r"local:(\d+)$")
 
@@ -63,39 +67,97 @@ def execute(plan: Plan, scheduler: str, on_unit: Callable[[dict], None]
             ) -> tuple[list[dict], list[dict]]:
     """Run the template and unit tasks; ``on_unit`` is called with each unit record as it
     finishes (any order). Returns (template records, unit records in plan order)."""
-    check_scheduler(scheduler)
-    if scheduler == "process":
-        return _in_process(plan, on_unit)
-    import dask
-    from dask.distributed import Client, LocalCluster
+    with Executor(scheduler) as executor:
+        return executor.run(plan, on_unit)
 
-    match = _LOCAL.match(scheduler)
-    if match:
-        # Allocator settings glibc reads only when a process starts (apqa.allocator) go into
-        # the environment the nanny spawns its worker with.
-        environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **worker_environ()}
-        with dask.config.set({**LOCAL_CLUSTER_CONFIG,
-                              "distributed.nanny.pre-spawn-environ": environ}), \
-                LocalCluster(n_workers=int(match.group(1)), threads_per_worker=1,
-                             processes=True, dashboard_address=None,
-                             silence_logs=50) as cluster, \
-                Client(cluster) as client:
-            # Worker logs are silenced below CRITICAL: a unit's failure comes back through its
-            # future and record, and at shutdown a worker's last heartbeat can race the closing
-            # scheduler and log a harmless "Failed to communicate with scheduler" traceback.
-            # Our own worker processes get the command's allocator settings (apqa.allocator);
-            # an existing cluster's workers are left as their owner set them up.
-            client.run(tune_allocator)
-            # Every worker imports the pipeline now, in parallel with the first tasks: a
-            # worker that first meets a unit only after the templates would import then.
-            client.run(_import_pipeline, wait=False)
+
+class Executor:
+    """Where the tasks run (see the module notes), opened ahead of the work.
+
+    Entering it starts a ``local:N`` cluster in a background thread: its worker processes
+    start and import while the driver goes on with its own set-up (imports, stores), instead
+    of after it. :meth:`run` waits for the cluster, then runs the tasks. Leaving it closes the
+    cluster it started.
+
+    Examples
+    --------
+    >>> with Executor("local:2") as executor:              # doctest: +SKIP
+    ...     open_the_stores()                              # while the workers start
+    ...     templates, units = executor.run(plan, print)
+    """
+
+    def __init__(self, scheduler: str) -> None:
+        self.scheduler = check_scheduler(scheduler)
+        self._workers = int(m.group(1)) if (m := _LOCAL.match(scheduler)) else 0
+        self._config = None
+        self._starter: ThreadPoolExecutor | None = None
+        self._cluster: Future | None = None
+
+    def __enter__(self) -> Executor:
+        if self._workers:
+            import dask
+            import distributed  # noqa: F401  (registers the distributed.* settings)
+
+            # Allocator settings glibc reads only when a process starts (apqa.allocator) go
+            # into the environment the nanny spawns its worker with. The settings stay in
+            # force while the cluster lives (dask.config.set is process-wide).
+            environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"),
+                       **worker_environ()}
+            self._config = dask.config.set({**LOCAL_CLUSTER_CONFIG,
+                                            "distributed.nanny.pre-spawn-environ": environ})
+            self._starter = ThreadPoolExecutor(1, thread_name_prefix="apqa-cluster")
+            self._cluster = self._starter.submit(_start_local_cluster, self._workers)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._cluster is not None:
+                try:
+                    cluster = self._cluster.result()
+                except Exception:  # it never started: nothing to close
+                    cluster = None
+                if cluster is not None:
+                    cluster.close()
+        finally:
+            if self._starter is not None:
+                self._starter.shutdown()
+            if self._config is not None:
+                self._config.__exit__(None, None, None)
+
+    def run(self, plan: Plan, on_unit: Callable[[dict], None]
+            ) -> tuple[list[dict], list[dict]]:
+        """Run the template and unit tasks; ``on_unit`` is called with each unit record as
+        it finishes (any order). Returns (template records, unit records in plan order)."""
+        if self.scheduler == "process":
+            return _in_process(plan, on_unit)
+        from dask.distributed import Client
+
+        if self._cluster is not None:
+            with Client(self._cluster.result()) as client:
+                # Our own worker processes get the command's allocator settings
+                # (apqa.allocator); an existing cluster's workers are left as their owner
+                # set them up.
+                client.run(tune_allocator)
+                # Every worker imports the pipeline now, in parallel with the first tasks: a
+                # worker that first meets a unit only after the templates would import then.
+                client.run(_import_pipeline, wait=False)
+                return _on_dask(client, plan, on_unit)
+        try:
+            client = Client(self.scheduler, timeout="10s")
+        except OSError as exc:
+            raise InputError(f"--scheduler {self.scheduler}: cannot connect ({exc})") from None
+        with client:
             return _on_dask(client, plan, on_unit)
-    try:
-        client = Client(scheduler, timeout="10s")
-    except OSError as exc:
-        raise InputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
-    with client:
-        return _on_dask(client, plan, on_unit)
+
+
+def _start_local_cluster(n_workers: int):
+    from dask.distributed import LocalCluster
+
+    # Worker logs are silenced below CRITICAL: a unit's failure comes back through its future
+    # and record, and at shutdown a worker's last heartbeat can race the closing scheduler
+    # and log a harmless "Failed to communicate with scheduler" traceback.
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                        dashboard_address=None, silence_logs=50)
 
 
 async def _import_pipeline() -> None:
@@ -104,6 +166,8 @@ async def _import_pipeline() -> None:
 
 
 def _in_process(plan: Plan, on_unit: Callable[[dict], None]) -> tuple[list[dict], list[dict]]:
+    from apqa.pipeline.run_units import run_template, run_unit
+
     templates = {det: run_template(plan.source, plan.config, visit, det, plan.out, plan.resume)
                  for det, visit in sorted(plan.templates.items())
                  if any(d == det for _, d, _ in plan.units)}
@@ -119,6 +183,8 @@ def _in_process(plan: Plan, on_unit: Callable[[dict], None]) -> tuple[list[dict]
 def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
              ) -> tuple[list[dict], list[dict]]:
     from dask.distributed import as_completed
+
+    from apqa.pipeline.run_units import run_template, run_unit
 
     used = sorted({det for _, det, _ in plan.units})
     templates = {client.submit(run_template, plan.source, plan.config, plan.templates[det],
