@@ -42,18 +42,54 @@ class Psf(Protocol):
         ...
 
 
-def measure_fwhm(kernel: np.ndarray) -> float:
-    """FWHM in pixels of a PSF image from its adaptive (HSM) moments.
+def measure_fwhm(kernel: np.ndarray, max_iter: int = 100, tol: float = 1e-6) -> float:
+    """FWHM in pixels of a PSF image from its adaptive moments (HSM's definition).
 
-    Returns ``nan`` when the moments do not converge.
+    The elliptical Gaussian weight is iterated until it matches the image's own weighted
+    second moments (Bernstein & Jarvis 2002); the FWHM is 2.3548 det(M)^(1/4). This is
+    galsim's ``FindAdaptiveMom`` (``moments_sigma``), which it matches to 1e-6 (a test checks
+    it), without importing galsim (0.15 s) into commands that need only this.
+
+    Returns ``nan`` when the moments do not converge or the image has no positive flux.
+
+    Examples
+    --------
+    >>> y, x = np.mgrid[-10:11, -10:11]
+    >>> round(measure_fwhm(np.exp(-(x**2 + y**2) / (2 * 1.5**2))), 3)
+    3.532
     """
-    import galsim  # here: galsim takes 0.1 s to import, and most commands never need it
-
-    image = galsim.ImageD(np.ascontiguousarray(kernel, dtype=np.float64))
-    result = image.FindAdaptiveMom(strict=False)
-    if result.moments_status != 0:
+    image = np.asarray(kernel, dtype=np.float64)
+    total = image.sum()
+    if not np.isfinite(total) or total <= 0:
         return float("nan")
-    return float(SIGMA_TO_FWHM * result.moments_sigma)
+    y, x = np.indices(image.shape, dtype=np.float64)
+    x0, y0 = (image * x).sum() / total, (image * y).sum() / total
+    # Start from the size of the pixels above half maximum (a Gaussian's sigma^2 = area/pi/ln4
+    # at half max; the start only needs the right scale).
+    mxx = myy = max(1.0, float((image > image.max() / 2).sum()) / np.pi)
+    mxy = 0.0
+    for _ in range(max_iter):
+        dx, dy = x - x0, y - y0
+        det = mxx * myy - mxy * mxy
+        if det <= 0:
+            return float("nan")
+        weighted = image * np.exp(-0.5 * (myy * dx * dx - 2 * mxy * dx * dy + mxx * dy * dy)
+                                  / det)
+        norm = weighted.sum()
+        if not norm > 0:
+            return float("nan")
+        shift_x, shift_y = (weighted * dx).sum() / norm, (weighted * dy).sum() / norm
+        # With the weight matched to the profile, the weighted moments are half the weight's.
+        new_xx = 2 * (weighted * dx * dx).sum() / norm
+        new_yy = 2 * (weighted * dy * dy).sum() / norm
+        new_xy = 2 * (weighted * dx * dy).sum() / norm
+        converged = (abs(shift_x) < tol and abs(shift_y) < tol
+                     and abs(new_xx - mxx) < tol * mxx and abs(new_yy - myy) < tol * myy
+                     and abs(new_xy - mxy) < tol * np.sqrt(mxx * myy))
+        x0, y0, mxx, myy, mxy = x0 + shift_x, y0 + shift_y, new_xx, new_yy, new_xy
+        if converged:
+            return float(SIGMA_TO_FWHM * (mxx * myy - mxy * mxy) ** 0.25)
+    return float("nan")
 
 
 def _poly2(coeffs: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -330,7 +366,7 @@ class PolynomialPsf(_CcdFwhm):
     --------
     >>> import numpy as np
     >>> base = np.zeros((3, 5, 5)); base[0, 2, 2] = 1.0
-    >>> PolynomialPsf(64, 64, base, order=1).image_at(10.0, 20.0)[2, 2]
+    >>> float(PolynomialPsf(64, 64, base, order=1).image_at(10.0, 20.0)[2, 2])
     1.0
     """
 

@@ -38,6 +38,11 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.tick.interval": "500ms",
+    # No queue at the scheduler: every unit goes to a worker when submitted, and each worker
+    # runs what it holds in priority (time) order. With the queue, a detector's units
+    # submitted late (its template finished late) waited at the scheduler behind units the
+    # workers already held, whatever their priority.
+    "distributed.scheduler.worker-saturation": "inf",
 }
 
 
@@ -187,8 +192,12 @@ def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
     from apqa.pipeline.run_units import run_template, run_unit
 
     used = sorted({det for _, det, _ in plan.units})
+    # Dask runs higher priorities first: templates, then units in the plan's time order, so
+    # that association (in time order, in the driver) follows the units as they finish
+    # instead of waiting at the end for an early unit Dask happened to start last.
     templates = {client.submit(run_template, plan.source, plan.config, plan.templates[det],
                                det, plan.out, plan.resume, pure=False,
+                               priority=len(plan.units) + 1,
                                key=f"template-d{det}"): det for det in used}
     template_records: dict[int, dict] = {}
     units: dict = {}
@@ -206,11 +215,12 @@ def _on_dask(client, plan: Plan, on_unit: Callable[[dict], None]
                 template_records[det] = {"visit": plan.templates[det], "detector": det,
                                          "status": "failed",
                                          "error": f"{type(exc).__name__}: {exc}"}
-            for visit, d, _ in plan.units:
+            for index, (visit, d, _) in enumerate(plan.units):
                 if d == det:
                     unit = client.submit(run_unit, plan.source, plan.config, plan.seed, visit,
                                          det, plan.out, template_records[det], plan.resume,
-                                         pure=False, key=f"unit-v{visit}-d{det}")
+                                         pure=False, priority=len(plan.units) - index,
+                                         key=f"unit-v{visit}-d{det}")
                     units[unit] = (visit, det)
                     finished.add(unit)
             continue

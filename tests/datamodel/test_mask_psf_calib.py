@@ -445,6 +445,24 @@ def test_measure_fwhm_of_gaussian(sigma):
 
 def test_measure_fwhm_failure_is_nan():
     assert np.isnan(measure_fwhm(np.zeros((21, 21))))
+    assert np.isnan(measure_fwhm(-_gaussian(2.0, size=21)))
+
+
+@pytest.mark.parametrize("fwhm", [2.0, 4.5, 7.0])
+@pytest.mark.parametrize("shear", [(0.0, 0.0), (0.1, -0.05)])
+def test_measure_fwhm_matches_galsim_hsm(fwhm, shear):
+    """The numpy adaptive moments are galsim's FindAdaptiveMom on off-centre, sheared
+    Moffat stamps (galsim reports them in float32)."""
+    import galsim
+
+    from apqa.datamodel.psf import render_moffat_stamps
+
+    kernel = render_moffat_stamps(np.array([0.3]), np.array([-0.2]), np.array([fwhm]),
+                                  np.array([shear[0]]), np.array([shear[1]]), 2.5, 5.0, 41)[0]
+    hsm = galsim.ImageD(kernel).FindAdaptiveMom(strict=False)
+    assert hsm.moments_status == 0
+    assert measure_fwhm(kernel) == pytest.approx(2.3548200450309493 * hsm.moments_sigma,
+                                                 rel=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,21 @@ def test_dask_local_cluster_gives_the_same_metrics(run, tmp_path):
     _assert_same_metrics(dask.measurements, report.measurements)
 
 
+def test_dask_runs_units_in_time_order(tmp_path):
+    """Units run in the plan's time order (association follows them in that order): on one
+    worker, each detector's template first, then every unit in visit order, whichever
+    detector's template finished first."""
+    report = inject_and_run(RunOptions(out=tmp_path / "out", config=CONFIG, n_visits=2,
+                                       n_detectors=2, db=str(tmp_path / "m.db"),
+                                       scheduler="local:1"))
+    assert report.n_failed == 0
+    plan = [(u["visit"], u["detector"]) for u in report.units]
+    assert plan == [(410001, 1), (410001, 2), (410002, 1), (410002, 2)]
+    ran = sorted(report.units, key=lambda u: u["started"])
+    assert [(u["visit"], u["detector"]) for u in ran] == plan
+    assert max(t["finished"] for t in report.templates) <= ran[0]["started"]
+
+
 def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
     _, report = run
     out = tmp_path / "out"
