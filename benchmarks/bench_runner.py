@@ -4,9 +4,10 @@ throughput on a Dask LocalCluster with 1 and 2 worker processes, beside the host
 
 Each measurement is a whole ``apqa inject-and-run`` process timed with ``/usr/bin/time -v``
 (wall time, peak RSS of the driver); per-stage times and per-worker peak memory come from the
-units' ``unit.json``. Run: ``python benchmarks/bench_runner.py [--units N] [--out DIR]``
-(the issue's scaling target uses 16 units; fewer give a reduced run; without --out the ~11 GB of
-runs go to a temporary folder that is removed at the end).
+units' ``unit.json``. Run:
+``python benchmarks/bench_runner.py [--units N] [--repeats R] [--out DIR]`` (the issue's
+scaling target uses 16 units; fewer give a reduced run; without --out the ~11 GB of runs go to
+a temporary folder that is removed at the end).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,19 +103,22 @@ def host_ceiling(root: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--units", type=int, default=16, help="visit-detectors for scaling")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs of 1- and 2-worker runs, alternating which goes first "
+                             "(each pair with its own host-ceiling measurement)")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the runs here (~11 GB for 16 units); default: a temporary "
                              "folder, removed at the end")
     args = parser.parse_args()
     if args.out is None:  # the runs write ~11 GB: a temporary folder is removed afterwards
         with tempfile.TemporaryDirectory(prefix="bench_runner.") as tmp:
-            run_all(Path(tmp), args.units)
+            run_all(Path(tmp), args.units, args.repeats)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        run_all(args.out, args.units)
+        run_all(args.out, args.units, args.repeats)
 
 
-def run_all(root: Path, n_units: int) -> None:
+def run_all(root: Path, n_units: int, repeats: int = 1) -> None:
     """Every measurement, with the runs' outputs under ``root``."""
     default = timed_run(root / "default")
     print(f"default run (hits-sim, 2 units of 2048x4096, local:2): {default['wall']:.1f} s wall,"
@@ -124,25 +130,39 @@ def run_all(root: Path, n_units: int) -> None:
 
     one_core(root / "one_core")
 
-    ceiling = host_ceiling(root)
     visits = max(1, n_units // 2)
-    results, phases = {}, {}
-    for workers in (1, 2):
-        res = timed_run(root / f"scale{workers}", "--visits", str(visits), "--detectors", "2",
-                        "--scheduler", f"local:{workers}")
-        units = res["units"]
-        n = len(units)
-        peak = max(u["peak_rss_bytes"] for u in units) / 1e9
-        results[workers] = n / res["wall"]
-        # The unit phase: first unit start to last unit end (no start-up, templates, metrics).
-        phases[workers] = max(u["finished"] for u in units) - min(u["started"] for u in units)
-        mean = sum(u["wall"] for u in units) / n
-        cpu = sum(u["cpu"] for u in units) / n
-        print(f"{n} units on {workers} worker(s): {res['wall']:.1f} s, "
-              f"{results[workers] * 60:.2f} units/min, worker peak RSS {peak:.2f} GB; "
-              f"unit phase {phases[workers]:.1f} s, a unit {mean:.2f} s wall / {cpu:.2f} s CPU")
-    print(f"throughput ratio 2 vs 1 workers: {results[2] / results[1]:.2f}x (target >= 1.8x); "
-          f"unit phase alone {phases[1] / phases[2]:.2f}x; host ceiling {ceiling:.2f}x")
+    ratios = []
+    for repeat in range(repeats):
+        ceiling = host_ceiling(root)
+        # Alternate which worker count goes first: the host's speed drifts over minutes.
+        order = (1, 2) if repeat % 2 == 0 else (2, 1)
+        results, phases = {}, {}
+        for workers in order:
+            out = root / f"scale{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            res = timed_run(out, "--visits", str(visits), "--detectors", "2",
+                            "--scheduler", f"local:{workers}")
+            units = res["units"]
+            n = len(units)
+            peak = max(u["peak_rss_bytes"] for u in units) / 1e9
+            results[workers] = n / res["wall"]
+            # The unit phase: first unit start to last unit end (no start-up, templates,
+            # metrics).
+            phases[workers] = max(u["finished"] for u in units) - min(u["started"]
+                                                                      for u in units)
+            mean = sum(u["wall"] for u in units) / n
+            cpu = sum(u["cpu"] for u in units) / n
+            print(f"{n} units on {workers} worker(s): {res['wall']:.1f} s, "
+                  f"{results[workers] * 60:.2f} units/min, worker peak RSS {peak:.2f} GB; "
+                  f"unit phase {phases[workers]:.1f} s, a unit {mean:.2f} s wall / "
+                  f"{cpu:.2f} s CPU")
+        ratios.append(results[2] / results[1])
+        print(f"throughput ratio 2 vs 1 workers: {ratios[-1]:.2f}x (target >= 1.8x); "
+              f"unit phase alone {phases[1] / phases[2]:.2f}x; host ceiling {ceiling:.2f}x")
+    if repeats > 1:
+        print(f"throughput ratios over {repeats} alternated pairs: "
+              + ", ".join(f"{r:.2f}x" for r in ratios)
+              + f"; median {statistics.median(ratios):.2f}x")
     print(f"first touch of 1 GiB in a fresh process: {first_touch_seconds():.2f} s")
 
 
