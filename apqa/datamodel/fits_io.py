@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
@@ -36,6 +37,9 @@ from apqa.datamodel.photocalib import PhotoCalib
 from apqa.datamodel.psf import GridPsf, MoffatPsf, PolynomialPsf, Psf
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
 from apqa.errors import InputError
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 FORMAT_VERSION = 1
 
@@ -137,11 +141,14 @@ def _fitting(card: fits.Card) -> fits.Card:
     return card
 
 
-def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True) -> Path:
+def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True,
+                   digest: Hash | None = None) -> Path:
     """Write ``exposure`` as an apqa multi-extension FITS file, atomically.
 
     The file is written next to its destination and renamed into place, so a crash never
-    leaves a partial file under the final name.
+    leaves a partial file under the final name. ``digest`` (a ``hashlib`` object), when
+    given, is updated with every byte of the file as it is written: a checksum without
+    reading the file back.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -190,25 +197,35 @@ def write_exposure(exposure: Exposure, path: str | Path, overwrite: bool = True)
             hdus.append(fits.ImageHDU(exposure.psf.coefficients.astype(np.float64),
                                       name="PSF_COEFFS"))
 
-    return write_atomically(path, lambda tmp: _write_hdus(fits.HDUList(hdus), tmp))
+    return write_atomically(path, lambda tmp: _write_hdus(fits.HDUList(hdus), tmp, digest))
 
 
-def _write_hdus(hdus: fits.HDUList, path: str) -> None:
+def _write_hdus(hdus: fits.HDUList, path: str, digest: Hash | None = None) -> None:
     """Write ``hdus`` as FITS: astropy's headers (checked as ``writeto`` checks them), the data
-    converted to big-endian a block of rows at a time.
+    converted to big-endian a block of rows at a time, each block also fed to ``digest``.
 
     astropy byte-swaps each whole array in place before writing it and back afterwards: two
     passes over every plane where one block-wise conversion does (a third less time for a
-    4096x4096 exposure), and the caller's arrays are never modified.
+    4096x4096 exposure), and the caller's arrays are never modified. Hashing a block just
+    converted reads it from the cache, not from memory.
     """
     hdus.verify("exception")
     if any(hdu.data is not None and (hdu.data.dtype.kind not in "fi" or "BZERO" in hdu.header)
            for hdu in hdus):  # stored with an offset (unsigned, bool): astropy scales them
         hdus.writeto(path, overwrite=True)
+        if digest is not None:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
         return
     with open(path, "wb") as stream:
+        def write(data: bytes | np.ndarray) -> None:
+            stream.write(data)
+            if digest is not None:
+                digest.update(data)
+
         for hdu in hdus:
-            stream.write(hdu.header.tostring().encode("ascii"))
+            write(hdu.header.tostring().encode("ascii"))
             data = hdu.data
             if data is None:
                 continue
@@ -218,8 +235,8 @@ def _write_hdus(hdus: fits.HDUList, path: str) -> None:
                 source = rows[part_rows]
                 part = block[:len(source)]
                 part[...] = source
-                stream.write(part)
-            stream.write(bytes(-data.nbytes % 2880))  # pad to whole FITS blocks
+                write(part)
+            write(bytes(-data.nbytes % 2880))  # pad to whole FITS blocks
 
 
 def _read_wcs(header: fits.Header, source: str, required: bool) -> WCS | None:

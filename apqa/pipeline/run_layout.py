@@ -24,6 +24,7 @@ from pathlib import Path
 
 from apqa.atomic import write_json, write_parquet  # noqa: F401 (re-exported)
 from apqa.datamodel import Exposure
+from apqa.datamodel.fits_io import write_exposure as write_fits_exposure
 
 UNIT_FILE = "unit.json"
 
@@ -47,9 +48,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_exposure(exposure: Exposure, path: Path) -> None:
-    """Write an exposure as FITS (atomically, as :meth:`Exposure.write_fits` always does)."""
-    exposure.write_fits(path)
+def write_exposure(exposure: Exposure, path: Path) -> str:
+    """Write an exposure as FITS (atomically, as :meth:`Exposure.write_fits` always does);
+    returns the file's hex sha256, hashed as it was written (:func:`sha256` of the file)."""
+    digest = hashlib.sha256()
+    write_fits_exposure(exposure, path, digest=digest)
+    return digest.hexdigest()
 
 
 def read_unit(folder: Path) -> dict | None:

@@ -114,9 +114,9 @@ def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, det
     try:
         with _one_blas_thread():
             result, _ = _load_and_process(source, config, visit, detector)
-        write_exposure(result.calexp, path)
+        checksum = write_exposure(result.calexp, path)
         record = {**base, "status": "done", "timings": result.timings,
-                  "quality": result.quality, "checksums": _checksums(folder, ["calexp.fits"])}
+                  "quality": result.quality, "checksums": {"calexp.fits": checksum}}
     except Exception as exc:  # the detector's units report it; other detectors go on
         (folder / "error.log").write_text(traceback.format_exc())
         record = {**base, "status": "failed", "error": _one_line(exc)}
@@ -206,9 +206,10 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     timings["match"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    write_exposure(pair.science, folder / "science.fits")
-    write_exposure(pair.template, folder / "template.fits")
-    write_exposure(difference, folder / "difference.fits")
+    # The images are hashed as they are written; the small tables after.
+    checksums = {name: write_exposure(exposure, folder / name) for name, exposure in (
+        ("science.fits", pair.science), ("template.fits", pair.template),
+        ("difference.fits", difference))}
     write_parquet(injected, folder / "fakes.parquet")
     write_parquet(pair.dia_sources, folder / "diaSources.parquet")
     write_parquet(match.table, folder / "matched.parquet")
@@ -229,9 +230,9 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
                         "zero_point_error": q.get("zero_point_err_mmag", np.nan)},
         "diffim": {k: pair.quality[k] for k in ("noise_ratio", "residual_footprint_ratio",
                                                 "template_coverage") if k in pair.quality},
-        "checksums": _checksums(folder, ["science.fits", "template.fits", "difference.fits",
-                                         "fakes.parquet", "diaSources.parquet",
-                                         "matched.parquet"]),
+        "checksums": {**checksums, **_checksums(folder, ["fakes.parquet",
+                                                         "diaSources.parquet",
+                                                         "matched.parquet"])},
     }
 
 

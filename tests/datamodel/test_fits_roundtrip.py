@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
@@ -22,7 +23,8 @@ from apqa.errors import InputError
 def test_block_writer_writes_the_bytes_astropy_writes(tmp_path, dtype):
     """The block-wise writer's file is byte for byte astropy's own, for planes of several
     blocks of rows (600 rows), a cube and a big-endian input; the arrays are left as they
-    were. Unsigned 16-bit planes (stored with BZERO) go through astropy."""
+    were, and the digest it feeds as it writes is the file's sha256. Unsigned 16-bit planes
+    (stored with BZERO) go through astropy."""
     rng = np.random.default_rng(0)
     plane = (rng.normal(0, 1000, (600, 37))).astype(dtype)
     cube = rng.normal(size=(3, 5, 5))
@@ -32,9 +34,12 @@ def test_block_writer_writes_the_bytes_astropy_writes(tmp_path, dtype):
     hdus = [fits.PrimaryHDU(header=header), fits.ImageHDU(plane, name="PLANE"),
             fits.ImageHDU(cube, name="CUBE")]
     before = plane.copy()
-    _write_hdus(fits.HDUList(hdus), str(tmp_path / "ours.fits"))
+    digest = hashlib.sha256()
+    _write_hdus(fits.HDUList(hdus), str(tmp_path / "ours.fits"), digest)
     fits.HDUList([h.copy() for h in hdus]).writeto(tmp_path / "astropy.fits")
     assert (tmp_path / "ours.fits").read_bytes() == (tmp_path / "astropy.fits").read_bytes()
+    assert digest.hexdigest() == hashlib.sha256((tmp_path / "ours.fits").read_bytes()
+                                                ).hexdigest()
     assert np.array_equal(plane, before) and plane.dtype == np.dtype(dtype)
     with fits.open(tmp_path / "ours.fits") as back:
         assert back[0].header["EXTEND"] is True
