@@ -62,3 +62,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp_path / "o" / "run.json").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--thresholds", "no/such/thresholds.yaml"], "thresholds file not found"),
+    (["--db", "mysql://nowhere/metrics"], "driver 'mysql' is not supported"),
+])
+def test_bad_input_found_while_the_cluster_starts_closes_it(tmp_path, args, message):
+    """The default run (two units) starts its LocalCluster before it checks the thresholds
+    and the store URL: a bad one is still one line and exit 2, nothing is written, and the
+    worker processes are gone."""
+    import multiprocessing
+
+    result = runner.invoke(app, ["inject-and-run", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "o").exists()
+    assert multiprocessing.active_children() == []
+
