@@ -55,7 +55,7 @@ def one_core(out: Path) -> None:
     driver = json.loads((out / "run.json").read_text())["stages"]
     load = unit["timings"]["load"]
     stages = {k: v for k, v in unit["timings"].items() if k != "load"}
-    # The unit's wall time also holds what no stage times (checksums of its outputs).
+    # The unit's wall time also holds what no stage times (its tables' checksums, its record).
     stages["other"] = unit["wall"] - load - sum(stages.values())
     stages.update({k: driver[k] for k in ("associate", "metrics", "store")})
     print(f"one unit on one core: load (simulate the raw) {load:.2f} s, then "
@@ -65,8 +65,9 @@ def one_core(out: Path) -> None:
 
 
 def host_ceiling(root: Path) -> float:
-    """The scaling this host allows two units at best: one unit alone on core 0, then two
-    independent in-process runs side by side on cores 0 and 1 (no Dask, no shared driver).
+    """The scaling this host allows two units at best: one unit alone on core 0 before and
+    after two independent in-process runs side by side on cores 0 and 1 (no Dask, no shared
+    driver).
 
     Two processes on two cores still share the memory bus, the last-level cache and, on a
     virtual machine, whatever the host gives the two vCPUs; the unit's wall time alone over
@@ -87,16 +88,22 @@ def host_ceiling(root: Path) -> float:
         (unit,) = [json.loads(p.read_text()) for p in out.glob("units/*/unit.json")]
         return unit["wall"]
 
-    proc, out = start(0, "alone")
-    proc.wait()
-    alone = unit_wall(out)
+    def alone_wall(name: str) -> float:
+        proc, out = start(0, name)
+        proc.wait()
+        return unit_wall(out)
+
+    # Alone before and after the pair: the host's speed drifts over minutes.
+    before = alone_wall("alone_before")
     runs = [start(0, "side_a"), start(1, "side_b")]
     for proc, _ in runs:
         proc.wait()
     side = [unit_wall(out) for _, out in runs]
-    ceiling = 2 * alone / (sum(side) / 2)
-    print(f"host ceiling: a unit alone {alone:.2f} s, side by side {side[0]:.2f} s and "
-          f"{side[1]:.2f} s: at most {ceiling:.2f}x from two processes on this host")
+    after = alone_wall("alone_after")
+    ceiling = 2 * (before + after) / 2 / (sum(side) / 2)
+    print(f"host ceiling: a unit alone {before:.2f} s before and {after:.2f} s after, side by "
+          f"side {side[0]:.2f} s and {side[1]:.2f} s: at most {ceiling:.2f}x from two "
+          "processes on this host")
     return ceiling
 
 
