@@ -23,6 +23,8 @@ from apqa.allocator import tune_allocator, worker_environ
 from apqa.errors import InputError
 
 if TYPE_CHECKING:
+    from dask.distributed import LocalCluster
+
     from apqa.pipeline.run_data import DatasetSource
     from apqa.pipeline.run_units import InjectRunConfig
 
@@ -94,9 +96,9 @@ class Executor:
     def __init__(self, scheduler: str) -> None:
         self.scheduler = check_scheduler(scheduler)
         self._workers = int(m.group(1)) if (m := _LOCAL.match(scheduler)) else 0
-        self._config = None
+        self._config = None  # the dask.config.set in force while our cluster lives
         self._starter: ThreadPoolExecutor | None = None
-        self._cluster: Future | None = None
+        self._cluster: Future[LocalCluster] | None = None
 
     def __enter__(self) -> Executor:
         if self._workers:
@@ -155,7 +157,7 @@ class Executor:
             return _on_dask(client, plan, on_unit)
 
 
-def _start_local_cluster(n_workers: int):
+def _start_local_cluster(n_workers: int) -> LocalCluster:
     from dask.distributed import LocalCluster
 
     # Worker logs are silenced below CRITICAL: a unit's failure comes back through its future
