@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
     import pandas as pd
 
 
@@ -35,6 +37,14 @@ def write_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def hash_file(path: str | Path, digest: Hash) -> Hash:
+    """Feed a file's bytes to ``digest`` (a ``hashlib`` object), 1 MiB at a time; returns it."""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:

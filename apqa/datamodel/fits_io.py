@@ -29,7 +29,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import maximum_filter, uniform_filter
 
-from apqa.atomic import write_atomically
+from apqa.atomic import hash_file, write_atomically
 from apqa.datamodel.blocks import ROWS, row_blocks
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.mask import Mask
@@ -214,9 +214,7 @@ def _write_hdus(hdus: fits.HDUList, path: str, digest: Hash | None = None) -> No
            for hdu in hdus):  # stored with an offset (unsigned, bool): astropy scales them
         hdus.writeto(path, overwrite=True)
         if digest is not None:
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            hash_file(path, digest)
         return
     with open(path, "wb") as stream:
         def write(data: bytes | np.ndarray) -> None:

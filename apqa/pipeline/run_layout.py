@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from apqa.atomic import write_json, write_parquet  # noqa: F401 (re-exported)
+from apqa.atomic import hash_file, write_json, write_parquet  # noqa: F401 (re-exported)
 from apqa.datamodel import Exposure
 from apqa.datamodel.fits_io import write_exposure as write_fits_exposure
 
@@ -41,11 +41,7 @@ def template_dir(out: Path, detector: int) -> Path:
 
 def sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path, hashlib.sha256()).hexdigest()
 
 
 def write_exposure(exposure: Exposure, path: Path) -> str:
