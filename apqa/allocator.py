@@ -30,6 +30,7 @@ import ctypes
 import os
 import platform
 import sys
+import threading
 
 #: ``mallopt`` parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -40,6 +41,9 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 #: Environment for the worker processes apqa starts: one malloc arena (read by glibc when the
 #: process starts), so that the tasks' image buffers come from the reusable main heap.
 WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
+#: Most of the heap a command may have faulted in ahead of need (below the trim threshold,
+#: so that it stays in the heap once freed).
+PREFAULT_MAX_BYTES = TRIM_THRESHOLD_BYTES - (64 << 20)
 
 
 def tune_allocator() -> dict[str, bool]:
@@ -85,3 +89,40 @@ def worker_environ() -> dict[str, str]:
     """Environment variables for worker processes apqa starts: :data:`WORKER_ENVIRON`, or
     nothing when ``APQA_TUNE_ALLOCATOR=0``."""
     return {} if os.environ.get("APQA_TUNE_ALLOCATOR", "1") == "0" else dict(WORKER_ENVIRON)
+
+
+def prefault_heap(nbytes: int, tuned: dict[str, bool]) -> threading.Thread | None:
+    """Fault in up to ``nbytes`` of the heap in a background thread, then free them into it.
+
+    A command that will fill a known amount of memory with images spends its first second
+    importing Python modules on one core. Touching the heap meanwhile on the other (``memset``
+    through ctypes runs without the GIL) moves the page faults off the critical path: the
+    image buffers later come from pages already mapped. On the standard machine, where a page
+    first touched costs a fault in the host too, ``apqa diff`` on a 4096x4096 pair took about
+    0.5 s less (five runs each way, same peak memory). Nothing is done unless the heap keeps
+    freed memory and all threads share one arena (``tuned`` from :func:`tune_allocator`).
+
+    ``nbytes`` is capped at :data:`PREFAULT_MAX_BYTES` and at a quarter of the free memory.
+    Returns the thread (a daemon), or None when nothing is done.
+    """
+    if not (tuned.get("glibc_heap") and tuned.get("one_arena")):
+        return None
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    nbytes = int(min(nbytes, PREFAULT_MAX_BYTES, free // 4))
+    if nbytes < (16 << 20):
+        return None
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def touch() -> None:
+        block = libc.malloc(nbytes)
+        if block:
+            libc.memset(block, 0, nbytes)
+            libc.free(block)
+
+    thread = threading.Thread(target=touch, name="apqa-prefault", daemon=True)
+    thread.start()
+    return thread

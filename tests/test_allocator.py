@@ -97,3 +97,34 @@ def test_worker_processes_allocate_task_buffers_from_the_main_heap(monkeypatch) 
     assert seen == [{"env": "1", "in_heap": True}]
     monkeypatch.setenv("APQA_TUNE_ALLOCATOR", "0")
     assert worker_environ() == {}
+
+
+PREFAULT_PROBE = """
+import json, resource
+from apqa.allocator import prefault_heap, tune_allocator
+thread = prefault_heap(128 * 2**20, tune_allocator())
+if thread is not None:
+    thread.join()
+import numpy as np
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+image = np.ones(3 * 2**23, np.float32)  # 96 MiB, written through
+print(json.dumps({"started": thread is not None,
+                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc settings")
+def test_a_prefaulted_heap_serves_image_buffers_without_page_faults() -> None:
+    def probe(setting: str) -> dict:
+        # 4 KiB pages in both runs (untuned numpy would ask for huge pages).
+        env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0", "APQA_TUNE_ALLOCATOR": setting}
+        out = subprocess.run([sys.executable, "-c", PREFAULT_PROBE], capture_output=True,
+                             text=True, env=env, check=True)
+        return json.loads(out.stdout)
+
+    prefaulted = probe("1")
+    # 96 MiB is 24,576 pages of 4 KiB: all of them were faulted in by the prefault thread.
+    assert prefaulted["started"] and prefaulted["faults"] < 2_000
+    untuned = probe("0")  # freed memory would leave the heap: nothing is prefaulted
+    assert not untuned["started"] and untuned["faults"] > 20_000

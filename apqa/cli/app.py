@@ -6,13 +6,13 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 from apqa import __version__
-from apqa.allocator import tune_allocator
+from apqa.allocator import prefault_heap, tune_allocator
 from apqa.errors import ApqaError
 from apqa.log import configure_logging
 
@@ -93,11 +93,17 @@ def main() -> None:
     """Console-script entry point: turns apqa errors into one line and exit code 2.
 
     Only the module of the command asked for is imported (start-up time matters for quick
-    commands such as ``apqa diff``); help and unknown commands load them all.
+    commands such as ``apqa diff``); help and unknown commands load them all. The image
+    commands (:data:`IMAGE_COMMANDS`) get their heap faulted in while they import and exit
+    without the interpreter's teardown.
     """
-    tune_allocator()
+    tuned = tune_allocator()
     words = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
-    module = COMMAND_MODULES.get(words[0]) if words else None
+    command = words[0] if words else None
+    image_work = command in IMAGE_COMMANDS and not {"-h", "--help"} & set(sys.argv[1:])
+    if image_work:
+        prefault_heap(HEAP_PER_INPUT_BYTE * _input_bytes(sys.argv[1:]), tuned)
+    module = COMMAND_MODULES.get(command) if command else None
     if module is None:
         register_commands()
     else:
@@ -109,6 +115,45 @@ def main() -> None:
     except ApqaError as exc:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
+    except SystemExit as exc:
+        if image_work:
+            _exit_now(exc.code)
+        raise
+
+
+def _input_bytes(args: list[str]) -> int:
+    """Total size of the files named by command-line arguments (``--opt=PATH`` too), outputs
+    (``--out``, ``-o``) left out."""
+    total = 0
+    after_out = False
+    for arg in args:
+        option, _, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        if option in ("--out", "-o") or after_out:
+            after_out = not value and not after_out
+            continue
+        if value and os.path.isfile(value):
+            total += os.path.getsize(value)
+    return total
+
+
+def _exit_now(code: object) -> NoReturn:
+    """Exit after the atexit callbacks and a flush of stdout and stderr, without the
+    interpreter's teardown (every module and object freed one by one: 0.2-0.3 s after
+    ``apqa diff`` on a 4096x4096 pair). The image commands close their files, threads and
+    clusters themselves before they return."""
+    import atexit
+
+    atexit._run_exitfuncs()  # logging's flush among them
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message") prints it and fails
+        print(code, file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def register_commands() -> typer.Typer:
@@ -119,6 +164,12 @@ def register_commands() -> typer.Typer:
         importlib.import_module(f"apqa.cli.{name}")
     return app
 
+
+#: Commands that read images named on the command line (see :func:`main`).
+IMAGE_COMMANDS = frozenset({"diff", "run", "process"})
+#: Heap such a command fills per byte of its input files (``apqa diff`` on a 4096x4096 pair
+#: of plain FITS files peaks at 9.4 times their size).
+HEAP_PER_INPUT_BYTE = 8
 
 # Each command lives in its own module of apqa.cli; importing it registers it on ``app``.
 COMMAND_MODULES = {"simulate": "simulate", "inspect": "inspect", "process": "process",

@@ -40,26 +40,32 @@ def diff(
     config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
-    import numpy as np
-    from astropy.io import fits
+    from concurrent.futures import ThreadPoolExecutor
 
     from apqa.datamodel import Exposure
-    from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 
     console = Console(stderr=True)
     try:
         if algorithm not in ("al", "zogy"):
             raise InputError(f"--algorithm {algorithm!r}: expected 'al' or 'zogy'")
-        cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
         start = time.perf_counter()
-        with all_cores(), console.status(
-                "[bold]reading and characterizing science and template") as status:
-            sci, tmp, sci_sources = prepare_pair(lambda: Exposure.from_fits(science),
-                                                 lambda: Exposure.from_fits(template), cfg)
-            status.update(f"[bold]subtracting ({algorithm})")
-            result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources)
+        with ThreadPoolExecutor(max_workers=2) as readers:
+            # The images are read while the differencing code is imported (numpy and the
+            # FITS reader release the GIL for the pixels).
+            reading = [readers.submit(Exposure.from_fits, path) for path in (science, template)]
+            from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
+
+            cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
+            with all_cores(), console.status(
+                    "[bold]reading and characterizing science and template") as status:
+                sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg)
+                status.update(f"[bold]subtracting ({algorithm})")
+                result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources)
         result.difference.write_fits(out)
         if score is not None and score_image is not None:
+            import numpy as np
+            from astropy.io import fits
+
             fits.PrimaryHDU(score_image.astype(np.float32)).writeto(score, overwrite=True)
         quality = {**result.quality, "wall_time": time.perf_counter() - start}
         Path(f"{out}.json").write_text(json.dumps(quality, indent=2, default=float))

@@ -22,7 +22,7 @@ from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import StageError
 from apqa.pipeline.fftconv import convolve_same
-from apqa.pipeline.pixels import disk, grow_disk
+from apqa.pipeline.pixels import boxes, disk, grow_disk
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -53,12 +53,8 @@ def windowed_moments(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: flo
     (C^-1 + W^-1)^-1, so C = (M^-1 - W^-1)^-1. Non-positive results become NaN.
     """
     half = max(3, int(np.ceil(3 * sigma)))
-    off = np.arange(-half, half + 1)
-    height, width = image.shape
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
-    wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
-    return stamp_moments(image[wy, wx], x - ix, y - iy, sigma)
+    return stamp_moments(boxes(image, ix, iy, half), x - ix, y - iy, sigma)
 
 
 def stamp_moments(stamps: np.ndarray, x_offset: np.ndarray, y_offset: np.ndarray, sigma: float

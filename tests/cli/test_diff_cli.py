@@ -4,6 +4,10 @@ bands, a template without WCS, images that do not overlap, too few stars for a k
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from tests.pipeline.synthetic_pairs import make_pair
 
 runner = CliRunner()
 app = register_commands()
+APQA = shutil.which("apqa") or str(Path(sys.executable).parent / "apqa")
 
 
 def _write(exposure: Exposure, path, band="g", image=None, wcs=True, crval_shift=0.0):
@@ -94,3 +99,38 @@ def test_too_few_stars_names_the_count(tmp_path):
     assert result.exit_code == 2
     assert "found" in result.output
     assert not (tmp_path / "d.fits").exists()
+
+
+def test_console_script_keeps_outputs_status_and_messages(pair, tmp_path):
+    """As users run it, ``apqa diff`` has its heap faulted in while it imports and skips the
+    interpreter's teardown when done: the products are whole, the exit status and the messages
+    are those of the command."""
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    tpl = _write(pair.template, tmp_path / "tpl.fits")
+    out = tmp_path / "d.fits"
+    ok = subprocess.run([APQA, "diff", "--science", str(sci), "--template", str(tpl),
+                         "--out", str(out)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"{out}: al, noise ratio ")
+    assert Exposure.from_fits(out).image.shape == (512, 512)
+    assert json.loads((tmp_path / "d.fits.json").read_text())["noise_ratio"] == pytest.approx(
+        1.0, abs=0.05)
+    no_wcs = _write(pair.template, tmp_path / "no_wcs.fits", wcs=False)
+    bad = subprocess.run([APQA, "diff", "--science", str(sci), "--template", str(no_wcs),
+                          "--out", str(tmp_path / "bad.fits")], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and "no_wcs.fits" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.fits").exists()
+
+
+def test_input_bytes_counts_the_files_read_not_the_outputs(tmp_path):
+    from apqa.cli.app import _input_bytes
+
+    (tmp_path / "a.fits").write_bytes(b"x" * 100)
+    (tmp_path / "b.fits").write_bytes(b"x" * 10)
+    (tmp_path / "d.fits").write_bytes(b"x" * 1000)  # an earlier run's output
+    args = ["-q", "diff", "--science", str(tmp_path / "a.fits"),
+            f"--template={tmp_path / 'b.fits'}", "--out", str(tmp_path / "d.fits")]
+    assert _input_bytes(args) == 110
+    assert _input_bytes([f"--out={tmp_path / 'd.fits'}", str(tmp_path / "a.fits")]) == 100

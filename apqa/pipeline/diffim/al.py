@@ -29,12 +29,11 @@ from apqa.pipeline.diffim.al_kernel import (
     gaussian_poly_basis,
     require_candidates,
     select_candidates,
-    stamps,
 )
 from apqa.pipeline.diffim.prepare import find_bright_sources
 from apqa.pipeline.diffim.warp_resample import noise_transfer
 from apqa.pipeline.fftconv import centred_kernel_spectrum, convolve_same
-from apqa.pipeline.pixels import grow_square
+from apqa.pipeline.pixels import boxes, grow_square
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -226,8 +225,8 @@ def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndar
     """
     if ix.size == 0:
         return float("nan")
-    d = stamps(diff, ix, iy, half).astype(np.float64)
-    v = stamps(variance, ix, iy, half).astype(np.float64)
+    d = boxes(diff, ix, iy, half).astype(np.float64)
+    v = boxes(variance, ix, iy, half).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         z2 = np.where(np.isfinite(v) & (v > 0), d * d / v, np.nan)
     return float(np.nanmedian(np.sqrt(np.nanmean(z2, axis=(1, 2)))))

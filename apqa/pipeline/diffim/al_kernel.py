@@ -21,6 +21,7 @@ import scipy.fft as sfft
 
 from apqa.datamodel import Exposure
 from apqa.errors import StageError
+from apqa.pipeline.pixels import boxes
 
 _STAMP_FLAGS = ("SAT", "BAD", "CR", "NO_DATA", "INTRP", "EDGE")
 #: Injected fakes exist in one image only: a kernel star must not have one in its fit stamp.
@@ -99,12 +100,6 @@ def spatial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     return np.stack(terms, axis=-1)
 
 
-def stamps(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
-    """(n, 2 half + 1, 2 half + 1) boxes of ``image`` centred on the pixels (ix, iy)."""
-    off = np.arange(-half, half + 1)
-    return image[iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]]
-
-
 def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposure,
                       stamp_half: int, fit_half: int, min_snr: float, max_snr: float,
                       cell_size: int, per_cell: int, max_candidates: int
@@ -136,7 +131,7 @@ def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposur
         for planes, half in ((_STAMP_FLAGS, stamp_half), (_INJECTED, fit_half)):
             bits = exposure.mask.bitmask([p for p in planes if p in exposure.mask.planes])
             if bits:
-                clean = ~((stamps(exposure.mask.array, ix[idx], iy[idx], half) & bits) != 0
+                clean = ~((boxes(exposure.mask.array, ix[idx], iy[idx], half) & bits) != 0
                           ).any(axis=(1, 2))
                 idx = idx[clean]
     keep, rank = top_per_cell(idx, per_cell)
@@ -182,10 +177,10 @@ def fit_kernel(target: Exposure, ref: Exposure, ix: np.ndarray, iy: np.ndarray,
     half = basis.shape[1] // 2
     height, width = target.shape
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    data = stamps(target.image, ix, iy, stamp_half).astype(np.float64)
-    var = (stamps(target.variance, ix, iy, stamp_half).astype(np.float64)
-           + stamps(ref.variance, ix, iy, stamp_half))
-    conv = _convolve_stamps(stamps(ref.image, ix, iy, stamp_half + half).astype(np.float64),
+    data = boxes(target.image, ix, iy, stamp_half).astype(np.float64)
+    var = (boxes(target.variance, ix, iy, stamp_half).astype(np.float64)
+           + boxes(ref.variance, ix, iy, stamp_half))
+    conv = _convolve_stamps(boxes(ref.image, ix, iy, stamp_half + half).astype(np.float64),
                             basis)  # (n, nb, m, m)
     n, nb, m, _ = conv.shape
     weight = (1.0 / np.clip(var, 1e-12, None)).reshape(n, m * m)

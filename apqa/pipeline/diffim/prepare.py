@@ -27,7 +27,7 @@ from apqa.pipeline.cosmic_rays import CosmicRayConfig, detect_cosmic_rays
 from apqa.pipeline.detect import windowed_moments
 from apqa.pipeline.interpolate import interpolate_masked
 from apqa.pipeline.photometry import aperture_correction, psf_flux
-from apqa.pipeline.pixels import any_in_box, bin_sum, upsample
+from apqa.pipeline.pixels import any_in_box, bin_sum, boxes, upsample
 from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, select_psf_candidates
 
 SIGMA_TO_FWHM = 2.3548
@@ -135,13 +135,10 @@ def _centroids(image: np.ndarray, masked: np.ndarray, x: np.ndarray, y: np.ndarr
     half = max(3, int(np.ceil(3 * sigma)))
     margin = iterations - 1  # the window's box moves at most 1 px per pass before the last
     off = np.arange(-half - margin, half + margin + 1)
-    height, width = image.shape
     x, y = x.astype(np.float64), y.astype(np.float64)
     ix0, iy0 = np.rint(x).astype(int), np.rint(y).astype(int)
-    wy = np.clip(iy0[:, None] + off[None, :], 0, height - 1)
-    wx = np.clip(ix0[:, None] + off[None, :], 0, width - 1)
-    box = np.where(masked[wy[:, :, None], wx[:, None, :]], np.float32(0),
-                   image[wy[:, :, None], wx[:, None, :]])
+    box = boxes(image, ix0, iy0, half + margin)
+    box[boxes(masked, ix0, iy0, half + margin)] = 0
     cols = (ix0[:, None] + off[None, :]).astype(np.float64)  # pixel coordinates of the box
     rows_y = (iy0[:, None] + off[None, :]).astype(np.float64)
     for _ in range(iterations):
