@@ -137,3 +137,24 @@ def test_without_decorrelation_the_variance_plane_still_holds():
     far = _source_free(pair, diff.shape)
     ratio = np.std(diff.image[far] / np.sqrt(diff.variance[far]))
     assert ratio == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("sigmas, degrees, half", [((0.7, 1.4, 2.8), (4, 2, 2), 10),
+                                                   ((1.5, 3.0, 6.0), (4, 2, 2), 17),
+                                                   ((1.0,), (1,), 3)])
+def test_stamps_convolved_by_separable_profiles_equal_2d_convolution(sigmas, degrees, half):
+    from scipy.signal import convolve2d
+
+    from apqa.pipeline.diffim.al_kernel import _convolve_stamps, gaussian_poly_basis
+
+    basis = gaussian_poly_basis(list(sigmas), degrees, half)
+    # The separable factors rebuild every basis image.
+    raw = np.einsum("ty,tx->tyx", basis.profiles[basis.ys], basis.profiles[basis.xs])
+    assert np.allclose(np.einsum("bt,tyx->byx", basis.mix, raw), basis.images, atol=1e-14)
+    stamps = np.random.default_rng(4).normal(100.0, 30.0, (21, 2 * half + 31, 2 * half + 31))
+    convolved = _convolve_stamps(stamps, basis, chunk=8)  # a ragged last chunk too
+    assert convolved.shape == (21, len(basis.images), 31, 31)
+    for n in (0, 13, 20):
+        for b in range(len(basis.images)):
+            truth = convolve2d(stamps[n], basis.images[b], mode="valid")
+            assert np.abs(convolved[n, b] - truth).max() < 1e-10 * np.abs(truth).max()
