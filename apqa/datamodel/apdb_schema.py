@@ -220,11 +220,25 @@ def _check_not_null(values: pd.Series, col: ApdbColumn, table: str, source: str)
                          f"{int(missing.sum())} missing values")
 
 
+def _check_length(values: pd.Series, col: ApdbColumn, table: str, source: str) -> None:
+    """Strings longer than the column's declared length are an error (SQLite would store
+    them, PostgreSQL refuses them: the same table must be valid for both)."""
+    if col.length is None or len(values) == 0:
+        return
+    present = values.dropna()
+    too_long = present.astype(str).str.len() > col.length
+    if too_long.any():
+        example = str(present[too_long].iloc[0])
+        raise InputError(f"{source}: {table} column {col.name!r} holds at most {col.length} "
+                         f"characters, got {example!r} ({len(example)})")
+
+
 def conform(frame: pd.DataFrame, name: str, *, source: str = "table") -> pd.DataFrame:
     """Cast ``frame`` to APDB table ``name``: its column order and dtypes, extra columns dropped.
 
-    Missing nullable columns are added as missing values. A missing or null NOT NULL column is an
-    error that names ``source`` and the column.
+    Missing nullable columns are added as missing values. A missing or null NOT NULL column, or
+    a string longer than its column's declared length, is an error that names ``source`` and
+    the column.
     """
     table = load_apdb_schema()[name]
     frame = frame.reset_index(drop=True)
@@ -234,6 +248,7 @@ def conform(frame: pd.DataFrame, name: str, *, source: str = "table") -> pd.Data
         for col in table.columns:
             if not col.nullable and col.dtype in ("float32", "float64", "object"):
                 _check_not_null(frame[col.name], col, name, source)
+            _check_length(frame[col.name], col, name, source)
         return frame
     columns = {}
     for col in table.columns:
@@ -254,6 +269,8 @@ def conform(frame: pd.DataFrame, name: str, *, source: str = "table") -> pd.Data
             raise InputError(
                 f"{source}: {name} column {col.name!r} cannot be cast to {col.dtype}: {exc}"
             ) from None
+    for col in table.columns:
+        _check_length(columns[col.name], col, name, source)
     # One frame built from all its columns at once: assigning ~100 columns one by one into a
     # prepared empty frame cost 10x more.
     return pd.DataFrame(columns)

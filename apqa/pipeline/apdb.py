@@ -84,6 +84,10 @@ class Apdb:
     def __init__(self, engine: sa.Engine, label: str) -> None:
         self._engine = engine
         self._label = label
+        # PEP 249's base exception of the driver (psycopg, psycopg2, sqlite3).
+        dbapi = getattr(engine.dialect, "dbapi", None)
+        self._driver_errors: tuple[type[Exception], ...] = (
+            (dbapi.Error,) if dbapi is not None and hasattr(dbapi, "Error") else ())
         self._metadata = build_metadata()
         self._tables = self._metadata.tables
 
@@ -152,6 +156,9 @@ class Apdb:
             raise ApdbError(f"APDB {self._label}: {action} failed{after}: {_one_line(exc)}"
                             ) from None
         except SQLAlchemyError as exc:
+            raise ApdbError(f"APDB {self._label}: {action} failed{after}: {_one_line(exc)}"
+                            ) from None
+        except self._driver_errors as exc:  # the driver's own COPY path, not SQLAlchemy's
             raise ApdbError(f"APDB {self._label}: {action} failed{after}: {_one_line(exc)}"
                             ) from None
 

@@ -131,27 +131,28 @@ def inject_and_run(opts: RunOptions, on_start: Callable[[int], None] | None = No
         with RunAssociator(out, units, apdb_url, opts.config) as associator:
             template_records, records = executor.run(plan, finished)
             timed(stages, "units", t)
-    # Association ran while later units were still running: its own time, overlapped.
-    stages["associate"] = associator.seconds
-    totals = associator.totals
+        executor.release()  # the workers shut down while the driver measures and stores
+        # Association ran while later units were still running: its own time, overlapped.
+        stages["associate"] = associator.seconds
+        totals = associator.totals
 
-    report = RunReport(out, records, template_records, [], stages, scheduler, apdb_url)
-    if any(r["status"] in ("done", "skipped") for r in records):
-        notify("metrics")
-        t = time.perf_counter()
-        tags = {"dataset": source.name, "algorithm": opts.config.run.diff.algorithm}
-        report.measurements = run_metrics(out, records, totals,
-                                          runtime_records(records, dict(stages)), tags,
-                                          opts.seed)
-        timed(stages, "metrics", t)
-        notify("store")
-        t = time.perf_counter()
-        with store.recording(source.name, config_hash(opts.config)) as recorder:
-            recorder.add(report.measurements)
-        report.store_url, report.store_run_id = store.display_url, recorder.run_id
-        if thresholds is not None:
-            report.gate = evaluate_gate(store, recorder.run_id, thresholds)
-        timed(stages, "store", t)
+        report = RunReport(out, records, template_records, [], stages, scheduler, apdb_url)
+        if any(r["status"] in ("done", "skipped") for r in records):
+            notify("metrics")
+            t = time.perf_counter()
+            tags = {"dataset": source.name, "algorithm": opts.config.run.diff.algorithm}
+            report.measurements = run_metrics(out, records, totals,
+                                              runtime_records(records, dict(stages)), tags,
+                                              opts.seed)
+            timed(stages, "metrics", t)
+            notify("store")
+            t = time.perf_counter()
+            with store.recording(source.name, config_hash(opts.config)) as recorder:
+                recorder.add(report.measurements)
+            report.store_url, report.store_run_id = store.display_url, recorder.run_id
+            if thresholds is not None:
+                report.gate = evaluate_gate(store, recorder.run_id, thresholds)
+            timed(stages, "store", t)
     store.close()
     report.wall = time.perf_counter() - start
     write_json(_provenance(opts, source, report), out / "run.json")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-RELIABILITY_VERSION = "apqa-logistic-1"
+#: At most 7 characters: the APDB's ``reliabilityVersion`` column holds no more.
+RELIABILITY_VERSION = "aplog-1"
 
 
 def reliability_score(table: pd.DataFrame) -> np.ndarray:

@@ -99,6 +99,7 @@ class Executor:
         self._config = None  # the dask.config.set in force while our cluster lives
         self._starter: ThreadPoolExecutor | None = None
         self._cluster: Future[LocalCluster] | None = None
+        self._closing: Future[None] | None = None
 
     def __enter__(self) -> Executor:
         if self._workers:
@@ -116,15 +117,26 @@ class Executor:
             self._cluster = self._starter.submit(_start_local_cluster, self._workers)
         return self
 
+    def release(self) -> None:
+        """Start closing the cluster this executor started, in the background: its work is
+        done, and the driver's last steps (metrics, store) run meanwhile. Leaving the block
+        waits for the close to finish."""
+        if self._cluster is not None and self._closing is None:
+            self._closing = self._starter.submit(self._close_cluster)
+
+    def _close_cluster(self) -> None:
+        try:
+            cluster = self._cluster.result()
+        except Exception:  # it never started: nothing to close
+            return
+        cluster.close()
+
     def __exit__(self, *exc_info: object) -> None:
         try:
-            if self._cluster is not None:
-                try:
-                    cluster = self._cluster.result()
-                except Exception:  # it never started: nothing to close
-                    cluster = None
-                if cluster is not None:
-                    cluster.close()
+            if self._closing is not None:
+                self._closing.result()
+            elif self._cluster is not None:
+                self._close_cluster()
         finally:
             if self._starter is not None:
                 self._starter.shutdown()

@@ -4,7 +4,15 @@ file (only its unit fails, exit code 1), --json output, and bad input (exit code
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
+import psutil
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
@@ -14,6 +22,8 @@ from apqa.sim.survey import SurveySimulator
 
 runner = CliRunner()
 app = register_commands()
+APQA = shutil.which("apqa") or str(Path(sys.executable).parent / "apqa")
+PG = "postgresql://postgres@127.0.0.1:5432/test"
 CONFIG = """crop: [512, 1024, 1024, 1024]
 n_fakes: 60
 fake_kinds: [point, negative]
@@ -80,3 +90,48 @@ def test_bad_input_found_while_the_cluster_starts_closes_it(tmp_path, args, mess
     assert not (tmp_path / "o").exists()
     assert multiprocessing.active_children() == []
 
+
+
+@pytest.mark.slow
+def test_console_script_on_a_cluster_and_postgresql_keeps_its_status_and_stores(dataset,
+                                                                                 tmp_path):
+    """As users run it: the console script, which leaves without the interpreter's teardown
+    once done, on a LocalCluster with its metrics and APDB in PostgreSQL. One corrupt unit
+    fails: exit 1, the JSON summary on stdout, the other unit's metrics and DIASources stored
+    in PostgreSQL, and no worker process left behind."""
+    field = tmp_path / "field"
+    shutil.copytree(dataset / "field", field)
+    raw = field / "raw" / "raw_410002_01.fits"
+    raw.write_bytes(raw.read_bytes()[:5000])
+    schema = f"apqa_cli_{uuid.uuid4().hex[:12]}"
+    url = f"{PG}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        # Every process the run starts inherits this mark in its environment.
+        mark = uuid.uuid4().hex
+        proc = subprocess.run([APQA, "inject-and-run", "--dataset", str(field), "--config",
+                               str(dataset / "run.yaml"), "--out", str(tmp_path / "out"),
+                               "--db", url, "--apdb", url, "--scheduler", "local:2", "--json"],
+                              capture_output=True, text=True, timeout=600, check=False,
+                              env={**os.environ, "APQA_TEST_MARK": mark})
+        assert proc.returncode == 1, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["n_units"] == 2 and summary["n_failed"] == 1
+        with psycopg.connect(PG) as conn:
+            conn.execute(f"SET search_path TO {schema}")
+            measurements = conn.execute("SELECT count(*) FROM measurements").fetchone()[0]
+            sources = conn.execute('SELECT count(*) FROM "DiaSource"').fetchone()[0]
+        assert measurements > 10 and sources > 0
+        assert [p.pid for p in psutil.process_iter() if _environ(p).get("APQA_TEST_MARK")
+                == mark] == []
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _environ(process: psutil.Process) -> dict:
+    try:
+        return process.environ()
+    except (psutil.Error, OSError):  # gone, or not ours
+        return {}

@@ -216,6 +216,26 @@ def test_store_rejects_rows_of_other_visits(tmp_path):
         assert apdb.counts()["DiaSource"] == 0
 
 
+def test_strings_longer_than_their_column_are_refused_on_every_backend(db_url):
+    """SQLite would store a reliabilityVersion of 15 characters, PostgreSQL refuses it
+    (varchar(7) in apdb.yaml): conform refuses it on both, naming the column and the limit;
+    the version apqa's own reliability model writes fits."""
+    from apqa.pipeline.reliability import RELIABILITY_VERSION
+
+    src, obj, forced = visit_tables(5, 1, 10, 60000.0, seed=4)
+    with Apdb.create(db_url) as apdb:
+        bad = src.copy()
+        bad["reliabilityVersion"] = "apqa-logistic-1"
+        with pytest.raises(InputError, match=r"'reliabilityVersion' holds at most 7 characters, "
+                                             r"got 'apqa-logistic-1' \(15\)"):
+            apdb.store_visit(5, 1, bad, obj, forced)
+        assert apdb.counts()["DiaSource"] == 0
+        good = src.copy()
+        good["reliabilityVersion"] = RELIABILITY_VERSION
+        apdb.store_visit(5, 1, good, obj, forced)
+        assert apdb.counts()["DiaSource"] == len(src)
+
+
 def test_schema_version_mismatch_names_both_versions(db_url):
     Apdb.create(db_url).close()
     with Apdb.open(db_url) as apdb, apdb._engine.begin() as conn:
@@ -335,3 +355,16 @@ def test_connection_lost_mid_visit_is_a_clear_error(pg_schema, monkeypatch):
             apdb.store_visit(4, 1, *visit_tables(4, 1, 50, 60000.0, seed=9))
         monkeypatch.setattr(apdb_module, "bulk_insert", real_insert)
         assert apdb.counts()["DiaSource"] == 0
+
+
+def test_database_refusals_are_one_line_and_write_nothing(db_url):
+    """A row the database itself refuses (a duplicate diaSourceId) fails the whole visit with
+    one line, whichever path wrote it (SQLAlchemy on SQLite, the driver's COPY on PostgreSQL)."""
+    src, obj, forced = visit_tables(5, 1, 10, 60000.0, seed=4)
+    duplicate = src.copy()
+    duplicate.loc[1, "diaSourceId"] = duplicate.loc[0, "diaSourceId"]
+    with Apdb.create(db_url) as apdb:
+        with pytest.raises(ApdbError, match=r"rolled back: nothing written") as refused:
+            apdb.store_visit(5, 1, duplicate, obj, forced)
+        assert "\n" not in str(refused.value)
+        assert apdb.counts() == {**apdb.counts(), "DiaSource": 0, "DiaObject": 0}
