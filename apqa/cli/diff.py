@@ -60,7 +60,8 @@ def diff(
                     "[bold]reading and characterizing science and template") as status:
                 sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg)
                 status.update(f"[bold]subtracting ({algorithm})")
-                result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources)
+                result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources,
+                                               with_score=score is not None)
         result.difference.write_fits(out)
         if score is not None and score_image is not None:
             import numpy as np

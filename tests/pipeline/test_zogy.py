@@ -505,3 +505,16 @@ def test_tiles_follow_a_spatially_varying_psf():
     assert tiled.flux_ratio == pytest.approx(1.0, abs=0.003)
     x, y, flux = pair.transient
     assert _psf_flux(tiled, x, y)[0] == pytest.approx(flux, rel=0.01)
+
+
+def test_without_the_score_the_difference_is_the_same(subtracted):
+    """``with_score=False`` skips a third of the transforms; the difference, its variance, PSF
+    and every quality number stay exactly as they are."""
+    pair, full = subtracted
+    bare = zogy_subtract(pair.science, pair.template, with_score=False)
+    assert bare.score is None and full.score is not None
+    assert np.array_equal(bare.difference.image, full.difference.image)
+    assert np.array_equal(bare.difference.variance, full.difference.variance)
+    assert np.array_equal(bare.difference.mask.array, full.difference.mask.array)
+    assert np.array_equal(bare.difference.psf.images, full.difference.psf.images)
+    np.testing.assert_equal(bare.quality, full.quality)  # NaN where both are NaN

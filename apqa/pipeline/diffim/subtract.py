@@ -104,13 +104,13 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
 
 
 def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = None,
-             science_sources: pd.DataFrame | None = None
+             science_sources: pd.DataFrame | None = None, with_score: bool = True
              ) -> tuple[DiffimResult, np.ndarray | None]:
     """Difference of two prepared exposures (see :func:`prepare_exposure`).
 
     ``science_sources`` (x, y, snr), when known, give AL its kernel candidates without another
     detection pass. Returns the result (difference exposure and quality numbers) and, for
-    ZOGY, the score image S_corr (None for AL).
+    ZOGY with ``with_score``, the score image S_corr (None for AL).
     """
     config = config or DiffConfig()
     if science.visit_info and template.visit_info and \
@@ -125,7 +125,7 @@ def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = 
     if config.algorithm == "al":
         result = al_subtract(science, template, config.al, candidates=science_sources)
     else:
-        zogy = zogy_subtract(science, template, config.zogy)
+        zogy = zogy_subtract(science, template, config.zogy, with_score=with_score)
         result = DiffimResult(zogy.difference, dict(zogy.quality))
         score = zogy.score
     result.quality["template_coverage"] = coverage

@@ -119,7 +119,8 @@ def _check_inputs(science: Exposure, template: Exposure) -> None:
 
 
 def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | None = None,
-                  mask_sources: np.ndarray | None = None) -> ZogyResult:
+                  mask_sources: np.ndarray | None = None, with_score: bool = True
+                  ) -> ZogyResult:
     """Subtract an aligned template from a science exposure with ZOGY.
 
     Parameters
@@ -135,6 +136,9 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         (background sigma, noise ratio). By default sources are found by thresholding both
         images smoothed with their PSF's FWHM at ``config.source_threshold``, grown by 1 FWHM,
         plus the inputs' DETECTED planes.
+    with_score
+        Compute the score image S_corr (a third of the transforms; ``score`` is None
+        without it).
 
     Returns
     -------
@@ -308,13 +312,13 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         del w2
         diff, score, var_d, var_s = _filter_region(
             buf_n, buf_r, buf_vn, buf_vr, tiles[0].kernels, shape, config.astrometric_sigma,
-            workers, n_hat, r_hat)
+            workers, n_hat, r_hat, with_score)
         del buf_n, buf_r, buf_vn, buf_vr, n_hat, r_hat
     else:
         del n_hat, r_hat, buf_n, buf_r
         tiles, (diff, score, var_d, var_s) = _filter_tiles(
             img_n, img_r, var_n * w2, var_r * w2, cell_psfs, cells_y, cells_x, kernel_args,
-            psf_size, pad, config)
+            psf_size, pad, config, with_score)
         del w2
     centre_tile = tiles[len(tiles) // 2]
     truncation = max(t.kernels.truncation for t in tiles)
@@ -325,8 +329,9 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
 
     # Pixels outside the data have (numerically) no variance: guard before dividing.
     np.maximum(var_d, np.float32(1e-12) * np.median(var_d[sl][stat_s]), out=var_d)
-    np.maximum(var_s, np.float32(1e-12) * np.median(var_s[sl][stat_s]), out=var_s)
-    score /= np.sqrt(var_s, out=var_s)
+    if with_score:
+        np.maximum(var_s, np.float32(1e-12) * np.median(var_s[sl][stat_s]), out=var_s)
+        score /= np.sqrt(var_s, out=var_s)
     del var_s
 
     chi = diff[sl][stat_s] / np.sqrt(var_d[sl][stat_s])
@@ -336,7 +341,8 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         if _RESCALE_RANGE[0] <= noise_ratio <= _RESCALE_RANGE[1]:
             variance_scale = noise_ratio**2
             var_d *= np.float32(variance_scale)
-            score /= np.float32(noise_ratio)
+            if with_score:
+                score /= np.float32(noise_ratio)
         else:
             # Far off means wrong inputs (variance in other units, noiseless images): say so
             # rather than paper over it.
@@ -355,7 +361,8 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     # The project's convention for pixels without data: value 0, infinite variance.
     np.copyto(diff, np.float32(0), where=bad)
     np.copyto(var_d, np.float32(np.inf), where=bad)
-    np.copyto(score, np.float32(0), where=bad)
+    if with_score:
+        np.copyto(score, np.float32(0), where=bad)
 
     # P_D at the centre of every tile (bilinear in between), or at the image centre.
     psf_images = np.stack([t.kernels.psf_d for t in tiles]).astype(np.float32)
@@ -397,7 +404,8 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         "edge_fraction": float(edge.mean()),
         "n_noise_pixels": float(n_stat),
     }
-    return ZogyResult(difference=difference, score=score.astype(np.float32, copy=False),
+    return ZogyResult(difference=difference,
+                      score=score.astype(np.float32, copy=False) if with_score else None,
                       score_psf=centre_tile.kernels.score_psf.astype(np.float32),
                       flux_ratio=flux_ratio,
                       quality=quality)

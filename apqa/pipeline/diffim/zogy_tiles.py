@@ -70,9 +70,11 @@ class _Tile:
 def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf_vr: np.ndarray,
                    kernels: _Kernels, out_shape: tuple[int, int],
                    astrometric_sigma: tuple[float, float], workers: int,
-                   n_hat: np.ndarray | None = None, r_hat: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """D, S (not yet normalized), var(D) and var(S) of one region.
+                   n_hat: np.ndarray | None = None, r_hat: np.ndarray | None = None,
+                   with_score: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """D, S (not yet normalized), var(D) and var(S) of one region (S and var(S) None
+    without ``with_score``: a third fewer transforms).
 
     ``buf_*`` are the region's (weighted) images and variances, zero-padded to the FFT grid;
     they are overwritten. ``D = k_dn (x) N - k_dr (x) R``, ``S = D (x) P_D(-x)``, and the
@@ -103,16 +105,20 @@ def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf
     if r_hat is None:
         r_hat = sfft.rfft2(buf_r, workers=workers, overwrite_x=True)
     d_hat = filtered([(kernels.d_science, n_hat), (-kernels.d_template, r_hat)])
-    diff = crop(d_hat, overwrite=False)  # d_hat is needed again for the score
-    pd_hat = spectrum(kernels.psf_d)
-    np.conjugate(pd_hat, out=pd_hat)
-    d_hat *= pd_hat
-    del pd_hat
-    score = crop(d_hat)
+    diff = crop(d_hat, overwrite=not with_score)  # d_hat is needed again for the score
+    score = None
+    if with_score:
+        pd_hat = spectrum(kernels.psf_d)
+        np.conjugate(pd_hat, out=pd_hat)
+        d_hat *= pd_hat
+        del pd_hat
+        score = crop(d_hat)
     del d_hat
     vn_hat = sfft.rfft2(buf_vn, workers=workers, overwrite_x=True)
     vr_hat = sfft.rfft2(buf_vr, workers=workers, overwrite_x=True)
     var_d = crop(filtered([(kernels.d_science**2, vn_hat), (kernels.d_template**2, vr_hat)]))
+    if not with_score:
+        return diff, None, var_d, None
     var_s = crop(filtered([(kernels.s_science**2, vn_hat), (kernels.s_template**2, vr_hat)]))
     del vn_hat, vr_hat
     sigma_ast_n, sigma_ast_r = astrometric_sigma
@@ -156,8 +162,9 @@ def _partition(n: int, bounds: np.ndarray, blend: int) -> list[np.ndarray]:
 def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
                   wvar_r: np.ndarray, cell_psfs: list[tuple[np.ndarray, np.ndarray, float]],
                   cells_y: np.ndarray, cells_x: np.ndarray, kernel_args: tuple, psf_size: int,
-                  pad: int, config: ZogyConfig
-                  ) -> tuple[list[_Tile], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                  pad: int, config: ZogyConfig, with_score: bool = True
+                  ) -> tuple[list[_Tile], tuple[np.ndarray, np.ndarray | None, np.ndarray,
+                                                np.ndarray | None]]:
     """Tiled ZOGY: each tile with the PSFs at its centre, results blended across overlaps.
 
     A tile's region extends past its cell by the blending half-width plus the kernel radius,
@@ -170,7 +177,8 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
     blend = _TILE_BLEND
     wy = _partition(height, cells_y, blend)
     wx = _partition(width, cells_x, blend)
-    outputs = tuple(np.zeros((height, width), np.float32) for _ in range(4))
+    outputs = tuple(np.zeros((height, width), np.float32) if with_score or k in (0, 2)
+                    else None for k in range(4))
     tiles = []
     for j in range(len(cells_y) - 1):
         y0 = max(0, cells_y[j] - blend - radius)
@@ -189,8 +197,10 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
                 buf[:y1 - y0, :x1 - x0] = values[region]
                 bufs.append(buf)
             parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0),
-                                   config.astrometric_sigma, config.workers)
+                                   config.astrometric_sigma, config.workers,
+                                   with_score=with_score)
             weight = wy[j][y0:y1, None] * wx[i][None, x0:x1]
             for total, part in zip(outputs, parts, strict=True):
-                total[region] += weight * part
+                if part is not None:
+                    total[region] += weight * part
     return tiles, outputs

@@ -93,7 +93,8 @@ class ZogyResult:
         calibration and visit info.
     score
         S_corr: the point-source detection statistic in Gaussian sigma, corrected for source
-        noise (and astrometric noise when configured); 0 on masked pixels.
+        noise (and astrometric noise when configured); 0 on masked pixels. None when not
+        asked for.
     score_psf
         The score's response to a point source (P_D autocorrelation), odd-sized, centred,
         peak 1.
@@ -104,7 +105,7 @@ class ZogyResult:
     """
 
     difference: Exposure
-    score: np.ndarray
+    score: np.ndarray | None
     score_psf: np.ndarray
     flux_ratio: float
     quality: dict[str, float] = field(default_factory=dict)
