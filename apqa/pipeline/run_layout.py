@@ -60,10 +60,13 @@ def read_unit(folder: Path) -> dict | None:
         return None
 
 
-def finished(folder: Path) -> dict | None:
-    """The unit record if the unit is done and all its outputs match their checksums."""
+def finished(folder: Path, inputs_key: str | None = None) -> dict | None:
+    """The unit record if the unit is done, all its outputs match their checksums and, when
+    ``inputs_key`` is given, it was made from the same inputs (see ``run_units.inputs_key``)."""
     record = read_unit(folder)
     if record is None or record.get("status") != "done":
+        return None
+    if inputs_key is not None and record.get("inputs_key") != inputs_key:
         return None
     for name, digest in record.get("checksums", {}).items():
         path = Path(folder) / name

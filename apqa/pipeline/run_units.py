@@ -14,6 +14,8 @@ in ``error.log``) and returned as such: one bad input never stops the others.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +26,8 @@ from pydantic import Field
 from scipy.spatial import cKDTree
 from threadpoolctl import threadpool_limits
 
-from apqa.config import ConfigModel
+from apqa import __version__
+from apqa.config import ConfigModel, config_hash
 from apqa.datamodel import Exposure
 from apqa.errors import ConfigError, StageError
 from apqa.injection.catalog import CatalogConfig, generate_catalog
@@ -97,6 +100,16 @@ def _checksums(folder: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256(folder / name) for name in names}
 
 
+def inputs_key(source: DatasetSource, config: InjectRunConfig, *parts: object) -> str:
+    """A hash of what a template's or unit's outputs are made from: the apqa version, the
+    dataset, the run configuration and ``parts`` (visit, detector, seed, the template's
+    checksum). ``--resume`` reuses outputs only when it is unchanged, so that a run resumed
+    with another configuration, seed or apqa release never mixes units made under both."""
+    payload = json.dumps([__version__, repr(source), config_hash(config), *parts],
+                         default=str, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, detector: int,
                  out: str, resume: bool = False) -> dict:
     """Process a detector's template visit into ``OUT/templates/dNN/calexp.fits``.
@@ -105,8 +118,10 @@ def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, det
     """
     folder = template_dir(Path(out), detector)
     path = folder / "calexp.fits"
-    base = {"visit": visit, "detector": detector, "path": str(path), "error": None}
-    if resume and (record := finished(folder)) is not None:
+    key = inputs_key(source, config, "template", visit, detector)
+    base = {"visit": visit, "detector": detector, "path": str(path), "error": None,
+            "inputs_key": key}
+    if resume and (record := finished(folder, key)) is not None:
         return {**record, **base, "status": "skipped"}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / UNIT_FILE).unlink(missing_ok=True)
@@ -249,19 +264,22 @@ def run_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: i
     -------
     dict
         The unit record: ``status`` (done | failed | skipped when ``resume`` found it finished
-        with valid checksums), ``error``, ``timings`` (s per stage), ``wall``, ``cpu``,
-        ``started`` and ``finished`` (Unix time), ``peak_rss_bytes`` (of the process that ran
-        it), counts, quality numbers, checksums.
+        from the same inputs with valid checksums), ``inputs_key``, ``error``, ``timings`` (s
+        per stage), ``wall``, ``cpu``, ``started`` and ``finished`` (Unix time),
+        ``peak_rss_bytes`` (of the process that ran it), counts, quality numbers, checksums.
     """
     folder = unit_dir(Path(out), visit, detector)
+    key = inputs_key(source, config, "unit", visit, detector, unit_seed(seed, visit, detector),
+                     template.get("checksums"))
     if resume:
-        record = finished(folder)
+        record = finished(folder, key)
         if record is not None:
             return {**record, "status": "skipped"}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / UNIT_FILE).unlink(missing_ok=True)
     (folder / "error.log").unlink(missing_ok=True)
-    base = {"visit": visit, "detector": detector, "seed": unit_seed(seed, visit, detector)}
+    base = {"visit": visit, "detector": detector, "seed": unit_seed(seed, visit, detector),
+            "inputs_key": key}
     started = time.time()
     wall, cpu = time.perf_counter(), time.process_time()
     try:

@@ -123,6 +123,23 @@ def test_resume_skips_verified_units_and_reruns_corrupted_ones(run, tmp_path):
     _assert_same_metrics(again.measurements, report.measurements)
 
 
+def test_resume_reruns_units_made_from_other_inputs(run, tmp_path):
+    """Resumed with another configuration, the finished units (valid checksums and all) are
+    made again, not mixed with the new ones; resumed as they were, they are skipped."""
+    _, report = run
+    out = tmp_path / "out"
+    shutil.copytree(report.out, out)
+    changed = CONFIG.model_copy(update={"n_fakes": 80})
+    again = inject_and_run(RunOptions(out=out, config=changed, db=str(tmp_path / "m.db"),
+                                      scheduler="process", resume=True))
+    assert [u["status"] for u in again.units] == ["done", "done"]
+    assert [t["status"] for t in again.templates] == ["done"]
+    assert all(u["n_fakes"] == 80 for u in again.units)
+    same = inject_and_run(RunOptions(out=out, config=changed, db=str(tmp_path / "m.db"),
+                                     scheduler="process", resume=True))
+    assert [u["status"] for u in same.units] == ["skipped", "skipped"]
+
+
 def _worker_settings() -> dict:
     import dask
     from distributed import get_worker
