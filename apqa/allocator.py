@@ -99,7 +99,7 @@ def prefault_heap(nbytes: int, tuned: dict[str, bool]) -> threading.Thread | Non
     through ctypes runs without the GIL) moves the page faults off the critical path: the
     image buffers later come from pages already mapped. On the standard machine, where a page
     first touched costs a fault in the host too, ``apqa diff`` on a 4096x4096 pair took about
-    0.5 s less (five runs each way, same peak memory). Nothing is done unless the heap keeps
+    0.5-0.7 s less (three runs each way, same peak memory). Nothing is done unless the heap keeps
     freed memory and all threads share one arena (``tuned`` from :func:`tune_allocator`).
 
     ``nbytes`` is capped at :data:`PREFAULT_MAX_BYTES` and at a quarter of the free memory.

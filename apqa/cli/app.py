@@ -127,13 +127,15 @@ def _input_bytes(args: list[str]) -> int:
     """Total size of the files named by command-line arguments (``--opt=PATH`` too), outputs
     (``--out``, ``-o``) left out."""
     total = 0
-    after_out = False
+    output_next = False  # the argument after a bare --out / -o
     for arg in args:
-        option, _, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-        if option in ("--out", "-o") or after_out:
-            after_out = not value and not after_out
+        if output_next:
+            output_next = False
             continue
-        if value and os.path.isfile(value):
+        option, equals, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        if option in ("--out", "-o"):
+            output_next = not equals
+        elif value and os.path.isfile(value):
             total += os.path.getsize(value)
     return total
 

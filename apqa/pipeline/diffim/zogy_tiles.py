@@ -177,8 +177,9 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
     blend = _TILE_BLEND
     wy = _partition(height, cells_y, blend)
     wx = _partition(width, cells_x, blend)
-    outputs = tuple(np.zeros((height, width), np.float32) if with_score or k in (0, 2)
-                    else None for k in range(4))
+    # D, S, var(D), var(S): the score's two only when asked for.
+    wanted = (True, with_score, True, with_score)
+    outputs = tuple(np.zeros((height, width), np.float32) if w else None for w in wanted)
     tiles = []
     for j in range(len(cells_y) - 1):
         y0 = max(0, cells_y[j] - blend - radius)
