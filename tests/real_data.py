@@ -2,8 +2,9 @@
 
 ``APQA_REAL_DATA`` points elsewhere (``.ci/run`` sets it when it finds the folder beside a
 clone's origin rather than beside the clone). A test that needs a missing folder fails, naming
-the path and the variable: a run never passes without the real images unless its user asks
-for that with ``APQA_SKIP_REAL_DATA=1`` (a checkout without them), and then those tests skip.
+the path and the variable: a run never passes without the real images. The tests that read
+them carry the ``real_data`` marker, so a checkout without the images leaves them out visibly
+(``-m "not real_data"``, reported as deselected), never by skipping them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ REAL_DATA = Path(os.environ.get("APQA_REAL_DATA")
 
 
 def require_real_data(folder: str) -> Path:
-    """The real-data folder ``folder``; fails the test when it is not there (skips it when
-    ``APQA_SKIP_REAL_DATA=1`` says the run is meant to go without the real images)."""
+    """The real-data folder ``folder``; fails the test when it is not there."""
     path = REAL_DATA / folder
     if path.is_dir():
         return path
-    message = (f"{path} not found (real test data kept outside the repository; set "
-               "APQA_REAL_DATA to its data/real folder, or APQA_SKIP_REAL_DATA=1 to skip)")
-    if os.environ.get("APQA_SKIP_REAL_DATA") == "1":
-        pytest.skip(message)
-    pytest.fail(message)
+    pytest.fail(f"{path} not found (real test data kept outside the repository; set "
+                "APQA_REAL_DATA to its data/real folder, or deselect these tests with "
+                "-m 'not real_data')")

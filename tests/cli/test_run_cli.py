@@ -70,6 +70,7 @@ def test_run_writes_diasources_difference_and_report(pair_files, tmp_path):
     assert info["versions"]["apqa"]
 
 
+@pytest.mark.real_data
 def test_run_on_real_decam_pair(tmp_path):
     decam = require_real_data("decam-mini")
     out = tmp_path / "decam"

@@ -287,12 +287,14 @@ def _raw_wcs(header: fits.Header) -> WCS:
         return WCS(header, naxis=2)
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize(("folder", "count"), [("decam-mini", 3), ("jwst-nircam", 2)])
 def test_real_data_present(folder, count):
     require_real_data(folder)
     assert len(_real_files(folder)) == count
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("path", _real_files("decam-mini"), ids=lambda p: p.name)
 def test_real_decam_images(path, tmp_path):
     require_real_data("decam-mini")
@@ -331,6 +333,7 @@ def test_real_decam_images(path, tmp_path):
     assert back.detector_info == exp.detector_info
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("path", _real_files("jwst-nircam"), ids=lambda p: p.name)
 def test_real_jwst_images(path):
     require_real_data("jwst-nircam")
