@@ -69,7 +69,13 @@ def load_config(model: type[ConfigT], path: str | Path | None) -> ConfigT:
     return config_from_mapping(model, data, str(path))
 
 
+def stable_hash(value: object) -> str:
+    """A stable SHA-256 digest (hex, 16 characters) of a JSON-able value (keys sorted; other
+    objects by ``str``)."""
+    payload = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def config_hash(config: BaseModel) -> str:
     """A stable SHA-256 digest (hex, 16 characters) of a configuration's values."""
-    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return stable_hash(config.model_dump(mode="json"))

@@ -14,6 +14,7 @@ from apqa.config import ConfigModel
 from apqa.datamodel import PolynomialPsf, shift_kernels
 from apqa.datamodel.psf import n_polynomial_terms, polynomial_terms
 from apqa.errors import StageError
+from apqa.pipeline.pixels import boxes
 
 
 class PsfModelConfig(ConfigModel):
@@ -95,16 +96,17 @@ def _star_stamps(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.n
     pad = 2
     big = half + pad
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    off = np.arange(-big, big + 1)
-    height, width = image.shape
-    wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
-    wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
-    data = image[wy, wx].astype(np.float64)
-    var = variance[wy, wx].astype(np.float64)
+    data = boxes(image, ix, iy, big).astype(np.float64)
+    var = boxes(variance, ix, iy, big).astype(np.float64)
     centred = shift_kernels(data, -(x - ix), -(y - iy)).astype(np.float64)
     core = slice(pad, pad + 2 * half + 1)
     ignore = ~np.isfinite(var)
     if labels is not None:
+        # A label map may be a lookup (prepare's binned map): it is indexed by pixel arrays.
+        off = np.arange(-big, big + 1)
+        height, width = image.shape
+        wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
+        wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
         window = labels[wy, wx]
         ignore |= (window > 0) & (window != own[:, None, None])
     return centred[:, core, core], var[:, core, core], ignore[:, core, core]

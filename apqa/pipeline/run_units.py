@@ -14,8 +14,6 @@ in ``error.log``) and returned as such: one bad input never stops the others.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import traceback
 from pathlib import Path
@@ -27,7 +25,7 @@ from scipy.spatial import cKDTree
 from threadpoolctl import threadpool_limits
 
 from apqa import __version__
-from apqa.config import ConfigModel, config_hash
+from apqa.config import ConfigModel, config_hash, stable_hash
 from apqa.datamodel import Exposure
 from apqa.errors import ConfigError, StageError
 from apqa.injection.catalog import CatalogConfig, generate_catalog
@@ -105,9 +103,7 @@ def inputs_key(source: DatasetSource, config: InjectRunConfig, *parts: object) -
     dataset, the run configuration and ``parts`` (visit, detector, seed, the template's
     checksum). ``--resume`` reuses outputs only when it is unchanged, so that a run resumed
     with another configuration, seed or apqa release never mixes units made under both."""
-    payload = json.dumps([__version__, repr(source), config_hash(config), *parts],
-                         default=str, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return stable_hash([__version__, repr(source), config_hash(config), *parts])
 
 
 def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, detector: int,
@@ -269,8 +265,8 @@ def run_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: i
         ``peak_rss_bytes`` (of the process that ran it), counts, quality numbers, checksums.
     """
     folder = unit_dir(Path(out), visit, detector)
-    key = inputs_key(source, config, "unit", visit, detector, unit_seed(seed, visit, detector),
-                     template.get("checksums"))
+    own_seed = unit_seed(seed, visit, detector)
+    key = inputs_key(source, config, "unit", visit, detector, own_seed, template.get("checksums"))
     if resume:
         record = finished(folder, key)
         if record is not None:
@@ -278,8 +274,7 @@ def run_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: i
     folder.mkdir(parents=True, exist_ok=True)
     (folder / UNIT_FILE).unlink(missing_ok=True)
     (folder / "error.log").unlink(missing_ok=True)
-    base = {"visit": visit, "detector": detector, "seed": unit_seed(seed, visit, detector),
-            "inputs_key": key}
+    base = {"visit": visit, "detector": detector, "seed": own_seed, "inputs_key": key}
     started = time.time()
     wall, cpu = time.perf_counter(), time.process_time()
     try:

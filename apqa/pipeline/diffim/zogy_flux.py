@@ -13,6 +13,7 @@ from scipy.spatial import cKDTree
 
 from apqa.datamodel import Exposure
 from apqa.datamodel.psf import convolve_full
+from apqa.pipeline.pixels import boxes
 
 
 def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm: float,
@@ -114,17 +115,14 @@ def _fit_flux_ratio(science: np.ndarray, template: np.ndarray, var_science: np.n
         sel = group == g
         if not sel.any():
             continue
-        half = k_science.shape[0] // 2
-        off = np.arange(-half, half + 1)
-        wy = y[sel, None, None] + off[None, :, None]
-        wx = x[sel, None, None] + off[None, None, :]
+        sx, sy, half = x[sel], y[sel], k_science.shape[0] // 2
         # Correlation form: a(p) = sum_u image(p - u) K(u) = sum_v image(p + v) K(-v).
         kn = k_science[::-1, ::-1][None]
         kr = k_template[::-1, ::-1][None]
-        an[sel] = (science[wy, wx] * kn).sum(axis=(1, 2))
-        ar[sel] = (template[wy, wx] * kr).sum(axis=(1, 2))
-        en[sel] = np.sqrt((var_science[wy, wx] * kn**2).sum(axis=(1, 2)))
-        er[sel] = np.sqrt((var_template[wy, wx] * kr**2).sum(axis=(1, 2)))
+        an[sel] = (boxes(science, sx, sy, half) * kn).sum(axis=(1, 2))
+        ar[sel] = (boxes(template, sx, sy, half) * kr).sum(axis=(1, 2))
+        en[sel] = np.sqrt((boxes(var_science, sx, sy, half) * kn**2).sum(axis=(1, 2)))
+        er[sel] = np.sqrt((boxes(var_template, sx, sy, half) * kr**2).sum(axis=(1, 2)))
     ok = np.isfinite(an) & np.isfinite(ar) & (an > 0) & (en > 0) & (er > 0)
     an, en, ar, er = an[ok], en[ok], ar[ok], er[ok]
     if an.size == 0:
