@@ -151,8 +151,9 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     smoothly where neither image holds any signal.
     """
     m = sfft.next_fast_len(4 * max_radius + 2, real=True)
-    pn = sfft.rfft2(_embed_centred(psf_science, (m, m), np.float64))
-    pr = sfft.rfft2(_embed_centred(psf_template, (m, m), np.float64))
+    # Both PSFs, then all six kernels, in one batched transform each.
+    pn, pr = sfft.rfft2(np.stack([_embed_centred(psf_science, (m, m), np.float64),
+                                  _embed_centred(psf_template, (m, m), np.float64)]))
     fr, sn2, sr2 = flux_ratio, sigma_science**2, sigma_template**2
     den2_0 = sn2 * fr**2 + sr2
     den = np.sqrt(sn2 * fr**2 * np.abs(pr) ** 2 + sr2 * np.abs(pn) ** 2 + epsilon * den2_0)
@@ -166,18 +167,21 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     specs = {"d_science": kdn_hat, "d_template": kdr_hat, "psf_d": pd_hat,
              "s_science": kdn_hat * pd_conj, "s_template": kdr_hat * pd_conj,
              "score_psf": pd_hat * pd_conj}
-    full = {name: sfft.irfft2(spec, s=(m, m)) for name, spec in specs.items()}
+    full = dict(zip(specs, sfft.irfft2(np.stack(list(specs.values())), s=(m, m)),
+                    strict=True))
     names = ("d_science", "d_template", "s_science", "s_template")
-    outside = np.max([_outside_power(full[n])[:max_radius + 1] for n in names], axis=0)
     if radius is None:
+        outside = np.max([_outside_power(full[n])[:max_radius + 1] for n in names], axis=0)
         fits = np.nonzero(outside <= tolerance)[0]
         radius = int(fits[0]) if fits.size else max_radius
         radius = max(radius, psf_size // 2)
     radius = min(radius, max_radius)
     size = 2 * radius + 1
-    cropped = {}
+    cropped, truncation = {}, 0.0
     for name in names:
         kernel = _centred_crop(full[name], size)
+        # The crop holds every pixel within Chebyshev distance ``radius``: what it leaves out.
+        truncation = max(truncation, 1.0 - float(np.sum(kernel**2) / np.sum(full[name] ** 2)))
         # Exact sum: the transform at zero frequency.
         cropped[name] = kernel * (float(specs[name][0, 0].real) / kernel.sum())
     psf_d = _centred_crop(full["psf_d"], psf_size)
@@ -185,8 +189,7 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     score_psf = _centred_crop(full["score_psf"], psf_size)
     score_psf = score_psf / score_psf[psf_size // 2, psf_size // 2]
     return _Kernels(cropped["d_science"], cropped["d_template"], psf_d, cropped["s_science"],
-                    cropped["s_template"], score_psf, f_d, max(float(outside[radius]), 0.0),
-                    radius)
+                    cropped["s_template"], score_psf, f_d, max(truncation, 0.0), radius)
 
 
 def _cell_psf_kernels(science: Exposure, template: Exposure, cells_y: np.ndarray,
