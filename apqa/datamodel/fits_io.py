@@ -325,20 +325,46 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
     usable = valid[y0:y0 + crop, x0:x0 + crop]
     if usable.sum() < 100:
         data, usable = image, valid
-    values = data[usable]
-    median = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    median, mad = _median_and_mad(data[usable])
+    # The smoothed image with unusable pixels at the current median, by linearity:
+    # smooth(where(usable, data, m)) = smooth(data * usable) + m * (1 - smooth(usable)).
+    smooth_data = uniform_filter(np.where(usable, data, np.float32(0)).astype(np.float32), 5)
+    fill = None if usable.all() else 1.0 - uniform_filter(usable.astype(np.float32), 5)
+    previous = None
     for _ in range(3):
         if mad == 0:
             break
-        smooth = uniform_filter(np.where(usable, data, median).astype(np.float32), 5)
-        sources = maximum_filter((smooth > median + 0.8 * mad).astype(np.uint8), size=9)
+        threshold = median + 0.8 * mad
+        above = (smooth_data > threshold if fill is None
+                 else smooth_data + np.float32(median) * fill > threshold)
+        sources = maximum_filter(above.view(np.uint8), size=9)
+        if previous is not None and np.array_equal(sources, previous):
+            break  # the same pixels again: the same two numbers
         values = data[usable & (sources == 0)]
         if values.size < 100:
             break
-        median = float(np.median(values))
-        mad = 1.4826 * float(np.median(np.abs(values - median)))
+        median, mad = _median_and_mad(values)
+        previous = sources
     return median, mad**2
+
+
+def _median_and_mad(values: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 x median absolute deviation of ``values`` (a scratch array that is
+    reordered and overwritten: no copies)."""
+    median = _median_inplace(values)
+    np.subtract(values, np.float32(median), out=values)
+    np.abs(values, out=values)
+    return median, 1.4826 * _median_inplace(values)
+
+
+def _median_inplace(values: np.ndarray) -> float:
+    """``np.median`` of a scratch array, partitioned in place instead of copied."""
+    half = values.size // 2
+    values.partition(half)
+    if values.size % 2:
+        return float(values[half])
+    # The lower middle value is the largest of the lower half: one selection, not two.
+    return 0.5 * (float(values[:half].max()) + float(values[half]))
 
 
 def _read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
