@@ -455,3 +455,56 @@ def test_bad_gain(value, expected, sky_image, tmp_path, write_plain):
     assert expected in message
     if value == "abc":
         assert "GAIN='abc'" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# sky statistics
+
+
+def _reference_robust_sky(image, valid, crop=1024):
+    """The sky statistics written plainly (np.median, the smoothed image remade each pass)."""
+    from scipy.ndimage import maximum_filter, uniform_filter
+
+    height, width = image.shape
+    y0, x0 = max((height - crop) // 2, 0), max((width - crop) // 2, 0)
+    data, usable = image[y0:y0 + crop, x0:x0 + crop], valid[y0:y0 + crop, x0:x0 + crop]
+    values = data[usable]
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    for _ in range(3):
+        smooth = uniform_filter(np.where(usable, data, median).astype(np.float32), 5)
+        sources = maximum_filter((smooth > median + 0.8 * mad).astype(np.uint8), size=9)
+        values = data[usable & (sources == 0)]
+        median = float(np.median(values))
+        mad = 1.4826 * float(np.median(np.abs(values - median)))
+    return median, mad**2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_robust_sky_matches_plain_statistics_and_truth(masked, rng):
+    from apqa.datamodel.fits_io import robust_sky
+
+    image = (SKY + rng.normal(0.0, SKY_SIGMA, (600, 700))).astype(np.float32)
+    yy, xx = np.mgrid[:600, :700]
+    for x, y in rng.uniform(20, 580, (60, 2)):  # stars whose wings would inflate a plain MAD
+        image += (3000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0**2))
+                  ).astype(np.float32)
+    valid = np.ones(image.shape, bool)
+    if masked:  # a masked corner holding garbage: its pixels must not count
+        valid[:200, :250] = False
+        image[:200, :250] = 1e6
+    level, variance = robust_sky(image, valid)
+    ref_level, ref_variance = _reference_robust_sky(image, valid)
+    assert level == pytest.approx(ref_level, rel=1e-6)
+    assert variance == pytest.approx(ref_variance, rel=1e-5)
+    assert level == pytest.approx(SKY, abs=0.1 * SKY_SIGMA)
+    assert variance == pytest.approx(SKY_SIGMA**2, rel=0.03)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 10, 11, 4096])
+def test_median_in_place_equals_numpy(size, rng):
+    from apqa.datamodel.fits_io import _median_inplace
+
+    values = rng.normal(0.0, 1.0, size).astype(np.float32)
+    assert _median_inplace(values.copy()) == pytest.approx(
+        float(np.median(values.astype(np.float64))), abs=1e-7)
