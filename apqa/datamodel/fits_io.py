@@ -328,8 +328,9 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
     median, mad = _median_and_mad(data[usable])
     # The smoothed image with unusable pixels at the current median, by linearity:
     # smooth(where(usable, data, m)) = smooth(data * usable) + m * (1 - smooth(usable)).
-    smooth_data = uniform_filter(np.where(usable, data, np.float32(0)).astype(np.float32), 5)
-    fill = None if usable.all() else 1.0 - uniform_filter(usable.astype(np.float32), 5)
+    all_usable = bool(usable.all())
+    smooth_data = uniform_filter(data if all_usable else np.where(usable, data, np.float32(0)), 5)
+    fill = None if all_usable else 1.0 - uniform_filter(usable.astype(np.float32), 5)
     previous = None
     for _ in range(3):
         if mad == 0:

@@ -232,7 +232,6 @@ def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndar
     return float(np.nanmedian(np.sqrt(np.nanmean(z2, axis=(1, 2)))))
 
 
-
 def _inverse_in_place(spectrum: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``irfft2(spectrum, s=shape)`` that overwrites ``spectrum`` with its transform along y
     instead of copying it first (``irfft2`` makes a temporary as large as the spectrum)."""
