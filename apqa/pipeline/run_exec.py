@@ -112,8 +112,10 @@ class Executor:
             import distributed  # noqa: F401  (registers the distributed.* settings)
 
             # Allocator settings glibc reads only when a process starts (apqa.allocator) go
-            # into the environment the nanny spawns its worker with. The settings stay in
-            # force while the cluster lives (dask.config.set is process-wide).
+            # into the environment the nanny sets before it starts a worker: the fork server,
+            # started with the first worker, reads them, and the workers forked from it
+            # inherit them. The settings stay in force while the cluster lives
+            # (dask.config.set is process-wide).
             environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"),
                        **worker_environ()}
             self._config = dask.config.set({**LOCAL_CLUSTER_CONFIG,
