@@ -13,6 +13,7 @@ visit-detector, submitted as soon as its detector's template is done. Dask sched
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,10 +46,11 @@ LOCAL_CLUSTER_CONFIG = {
     # submitted late (its template finished late) waited at the scheduler behind units the
     # workers already held, whatever their priority.
     "distributed.scheduler.worker-saturation": "inf",
+}
+if "forkserver" in multiprocessing.get_all_start_methods():  # POSIX; Windows keeps spawn
     # Workers are forked from one server process that imported the pipeline once, instead of
     # each starting a fresh interpreter and importing it again (~2.5 s of CPU per worker).
-    "distributed.worker.multiprocessing-method": "forkserver",
-}
+    LOCAL_CLUSTER_CONFIG["distributed.worker.multiprocessing-method"] = "forkserver"
 #: What the fork server imports before it forks any worker.
 FORKSERVER_PRELOAD = ["distributed", "apqa.pipeline.run_units"]
 
@@ -177,9 +179,11 @@ def _start_local_cluster(n_workers: int) -> LocalCluster:
     from dask.distributed import LocalCluster
     from distributed.utils import get_mp_context
 
-    # distributed sets its own preload list when it first makes the context; ours replaces it
-    # (the server starts with the first worker, after this).
-    get_mp_context().set_forkserver_preload(FORKSERVER_PRELOAD)
+    context = get_mp_context()
+    if context.get_start_method() == "forkserver":
+        # distributed sets its own preload list when it first makes the context; ours
+        # replaces it (the server starts with the first worker, after this).
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)
 
     # Worker logs are silenced below CRITICAL: a unit's failure comes back through its future
     # and record, and at shutdown a worker's last heartbeat can race the closing scheduler

@@ -140,24 +140,36 @@ def test_resume_reruns_units_made_from_other_inputs(run, tmp_path):
     assert [u["status"] for u in same.units] == ["skipped", "skipped"]
 
 
-def _worker_settings() -> dict:
+def _worker_settings(driver_pid: int) -> dict:
+    import os
+
     import dask
     from distributed import get_worker
 
     worker = get_worker()
     return {"profile": dask.config.get("distributed.worker.profile.enabled"),
             "profiler_running": "profile" in worker.periodic_callbacks,
-            "monitor_interval": worker.periodic_callbacks["monitor"].callback_time}
+            "monitor_interval": worker.periodic_callbacks["monitor"].callback_time,
+            # Forked from the fork server (not the driver's child), which was started to
+            # import the pipeline before it forks (its command line names what it preloads).
+            "forked": os.getppid() != driver_pid,
+            "server_preloads_pipeline": "apqa.pipeline.run_units" in Path(
+                f"/proc/{os.getppid()}/cmdline").read_text(errors="replace")}
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)")
 def test_local_cluster_workers_run_without_dashboard_monitoring(monkeypatch):
     """The LocalCluster apqa starts has no dashboard: its workers do not profile the units
-    they run, and their system monitor samples every 5 s (Dask's default: 10 ms, 0.5 s)."""
+    they run, and their system monitor samples every 5 s (Dask's default: 10 ms, 0.5 s).
+    They are forked from a fork server that imported the pipeline before forking them."""
+    import os
+
     from apqa.pipeline import run_exec
 
     seen = []
     # The real executor on a real LocalCluster, with a probe in place of the pipeline.
     monkeypatch.setattr(run_exec, "_on_dask", lambda client, plan, on_unit: seen.append(
-        client.submit(_worker_settings, pure=False).result()) or ([], []))
+        client.submit(_worker_settings, os.getpid(), pure=False).result()) or ([], []))
     run_exec.execute(None, "local:1", lambda record: None)
-    assert seen == [{"profile": False, "profiler_running": False, "monitor_interval": 5000}]
+    assert seen == [{"profile": False, "profiler_running": False, "monitor_interval": 5000,
+                     "forked": True, "server_preloads_pipeline": True}]
