@@ -6,7 +6,9 @@ visit-detector, submitted as soon as its detector's template is done. Dask sched
 (no home-made scheduler); results are small dicts. Scheduler addresses:
 
 * ``process``: run everything here, one task after the other;
-* ``local:N``: a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``;
+* ``local:N``: a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``, whose
+  workers are forked from a fork server that imported the pipeline (where the platform has
+  one);
 * ``tcp://host:port`` (or any address ``dask.distributed.Client`` accepts): an existing
   cluster whose workers see the output folder (a shared file system) and have apqa installed.
 """
