@@ -482,7 +482,7 @@ def _reference_robust_sky(image, valid, crop=1024):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_robust_sky_matches_plain_statistics_and_truth(masked, rng):
-    from apqa.datamodel.fits_io import robust_sky
+    from apqa.datamodel.fits_plain import robust_sky
 
     image = (SKY + rng.normal(0.0, SKY_SIGMA, (600, 700))).astype(np.float32)
     yy, xx = np.mgrid[:600, :700]
@@ -503,7 +503,7 @@ def test_robust_sky_matches_plain_statistics_and_truth(masked, rng):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 10, 11, 4096])
 def test_median_in_place_equals_numpy(size, rng):
-    from apqa.datamodel.fits_io import _median_inplace
+    from apqa.datamodel.fits_plain import _median_inplace
 
     values = rng.normal(0.0, 1.0, size).astype(np.float32)
     assert _median_inplace(values.copy()) == pytest.approx(
