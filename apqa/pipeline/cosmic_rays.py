@@ -13,6 +13,7 @@ from pydantic import Field
 from scipy.ndimage import label
 
 from apqa.config import ConfigModel
+from apqa.pipeline.pixels import boxes
 
 
 class CosmicRayConfig(ConfigModel):
@@ -196,15 +197,11 @@ def fill_from_neighbours(image: np.ndarray, masked: np.ndarray,
     out = image.astype(np.float32, copy=True) if work is None else work
     if ys is None or xs is None:
         ys, xs = np.nonzero(masked)
-    height, width = image.shape
     for half in (2, 8):
         if ys.size == 0:
             break
-        off = np.arange(-half, half + 1)
-        wy = np.clip(ys[:, None, None] + off[None, :, None], 0, height - 1)
-        wx = np.clip(xs[:, None, None] + off[None, None, :], 0, width - 1)
-        good = ~masked[wy, wx]
-        total = np.where(good, image[wy, wx], 0).sum(axis=(1, 2))
+        good = ~boxes(masked, xs, ys, half)
+        total = np.where(good, boxes(image, xs, ys, half), 0).sum(axis=(1, 2))
         count = good.sum(axis=(1, 2))
         ok = count > 0
         out[ys[ok], xs[ok]] = total[ok] / count[ok]

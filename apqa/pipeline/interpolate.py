@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from apqa.pipeline.pixels import boxes
+
 
 def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float = 1.5,
                        max_half: int = 64, targets: np.ndarray | None = None) -> np.ndarray:
@@ -17,7 +19,6 @@ def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float = 1.5
     """
     out = image.astype(np.float32, copy=True)
     ys, xs = np.nonzero(masked if targets is None else targets & masked)
-    height, width = image.shape
     half = max(1, int(np.ceil(2 * sigma)))
     while ys.size and half <= max_half:
         s = sigma * half / max(1, int(np.ceil(2 * sigma)))
@@ -28,12 +29,10 @@ def interpolate_masked(image: np.ndarray, masked: np.ndarray, sigma: float = 1.5
         step = max(1, 2_000_000 // weight.size)
         for start in range(0, ys.size, step):
             sl = slice(start, start + step)
-            wy = np.clip(ys[sl, None, None] + off[None, :, None], 0, height - 1)
-            wx = np.clip(xs[sl, None, None] + off[None, None, :], 0, width - 1)
-            w = np.where(masked[wy, wx], 0.0, weight[None])
+            w = np.where(boxes(masked, xs[sl], ys[sl], half), 0.0, weight[None])
             total = w.sum(axis=(1, 2))
             ok = total > 1e-3 * weight.sum()
-            values = (w * image[wy, wx]).sum(axis=(1, 2))
+            values = (w * boxes(image, xs[sl], ys[sl], half)).sum(axis=(1, 2))
             idx = np.nonzero(ok)[0]
             out[ys[sl][idx], xs[sl][idx]] = values[idx] / total[idx]
             done[start + idx] = True

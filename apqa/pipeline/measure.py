@@ -26,6 +26,7 @@ from apqa.datamodel.apdb_schema import conform, empty_table
 from apqa.pipeline.detect import DiaDetections, stamp_moments, windowed_moments
 from apqa.pipeline.dipole import fit_dipole
 from apqa.pipeline.photometry import aperture_flux, psf_fit_centroid, psf_flux
+from apqa.pipeline.pixels import boxes
 from apqa.pipeline.reliability import RELIABILITY_VERSION, reliability_score
 from apqa.pipeline.sky_geometry import local_pixel_scale, position_angle
 from apqa.pipeline.trail import measure_trails
@@ -90,11 +91,10 @@ def _windowed_centroid(image: np.ndarray, x: np.ndarray, y: np.ndarray, sign: np
     start_x, start_y = x.copy(), y.copy()
     for _ in range(iterations):
         ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-        wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
-        wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
         dx = (ix - x)[:, None, None] + off[None, None, :]
         dy = (iy - y)[:, None, None] + off[None, :, None]
-        w = np.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * image[wy, wx] * sign[:, None, None]
+        w = np.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * boxes(image, ix, iy, half) \
+            * sign[:, None, None]
         w = np.nan_to_num(w)
         total = w.sum(axis=(1, 2))
         with np.errstate(divide="ignore", invalid="ignore"):

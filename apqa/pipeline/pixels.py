@@ -64,12 +64,27 @@ def boxes(array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.nd
         return sliding_window_view(array, (size, size))[y0, x0]
     out = np.empty((ix.size, size, size), array.dtype)
     out[inside] = sliding_window_view(array, (size, size))[y0[inside], x0[inside]]
-    off = np.arange(-half, half + 1)
     edge = ~inside
-    wy = np.clip(iy[edge, None, None] + off[None, :, None], 0, height - 1)
-    wx = np.clip(ix[edge, None, None] + off[None, None, :], 0, width - 1)
-    out[edge] = array[wy, wx]
+    out[edge] = array[box_indices(ix[edge], iy[edge], half, array.shape)]
     return out
+
+
+def box_indices(ix: np.ndarray, iy: np.ndarray, half: int, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column index arrays (n, 2 half + 1, 2 half + 1) of the boxes centred on the
+    pixels (ix, iy), clipped to ``shape``: for lookups that are not arrays (:func:`boxes`
+    gathers from arrays faster).
+
+    Examples
+    --------
+    >>> wy, wx = box_indices(np.array([0]), np.array([3]), 1, (4, 4))
+    >>> wy[0, :, 0].tolist(), wx[0, 0].tolist()
+    ([2, 3, 3], [0, 0, 1])
+    """
+    off = np.arange(-half, half + 1)
+    wy = np.clip(np.asarray(iy)[:, None, None] + off[None, :, None], 0, shape[0] - 1)
+    wx = np.clip(np.asarray(ix)[:, None, None] + off[None, None, :], 0, shape[1] - 1)
+    return wy, wx
 
 
 def any_in_box(flags: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:

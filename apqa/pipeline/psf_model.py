@@ -14,7 +14,7 @@ from apqa.config import ConfigModel
 from apqa.datamodel import PolynomialPsf, shift_kernels
 from apqa.datamodel.psf import n_polynomial_terms, polynomial_terms
 from apqa.errors import StageError
-from apqa.pipeline.pixels import boxes
+from apqa.pipeline.pixels import box_indices, boxes
 
 
 class PsfModelConfig(ConfigModel):
@@ -103,11 +103,7 @@ def _star_stamps(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.n
     ignore = ~np.isfinite(var)
     if labels is not None:
         # A label map may be a lookup (prepare's binned map): it is indexed by pixel arrays.
-        off = np.arange(-big, big + 1)
-        height, width = image.shape
-        wy = np.clip(iy[:, None, None] + off[None, :, None], 0, height - 1)
-        wx = np.clip(ix[:, None, None] + off[None, None, :], 0, width - 1)
-        window = labels[wy, wx]
+        window = labels[box_indices(ix, iy, big, image.shape)]
         ignore |= (window > 0) & (window != own[:, None, None])
     return centred[:, core, core], var[:, core, core], ignore[:, core, core]
 

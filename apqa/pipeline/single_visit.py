@@ -19,6 +19,7 @@ from apqa.datamodel import Exposure
 from apqa.pipeline.calibrate import CalibrateConfig, calibrate
 from apqa.pipeline.characterize import CharacterizeConfig, characterize
 from apqa.pipeline.isr import IsrConfig, IsrResult, run_isr
+from apqa.pipeline.pixels import boxes
 
 #: Source table columns in output order (Rubin Source names where they exist).
 SOURCE_COLUMNS = [
@@ -53,10 +54,7 @@ def _pixel_flags(exposure: Exposure, sources: pd.DataFrame, fwhm: float) -> pd.D
     mask = exposure.mask
     ix = np.clip(np.rint(sources["x"]).astype(int), 0, exposure.width - 1).to_numpy()
     iy = np.clip(np.rint(sources["y"]).astype(int), 0, exposure.height - 1).to_numpy()
-    off = np.arange(-2, 3)
-    wy = np.clip(iy[:, None, None] + off[None, :, None], 0, exposure.height - 1)
-    wx = np.clip(ix[:, None, None] + off[None, None, :], 0, exposure.width - 1)
-    window = mask.array[wy, wx]
+    window = boxes(mask.array, ix, iy, 2)
     out = sources.copy()
     for column, plane in (("flags_saturated", "SAT"), ("flags_bad", "BAD"), ("flags_cr", "CR"),
                           ("flags_interpolated", "INTRP")):
