@@ -7,6 +7,7 @@ import pytest
 
 from apqa.errors import StageError
 from apqa.pipeline.diffim.al import AlConfig, al_subtract, decorrelation_kernel
+from apqa.pipeline.diffim.al_kernel import solve_normal
 from apqa.pipeline.photometry import psf_flux
 
 from .synthetic_pairs import make_pair
@@ -105,6 +106,33 @@ def test_decorrelation_kernel_preserves_flux_and_whitens():
     phi_hat = np.abs(np.fft.fft2(phi, s=(n, n)))
     spectrum = (25.0 + 9.0 * k_hat**2) * phi_hat**2
     assert np.ptp(spectrum) / spectrum.mean() < 0.02
+
+
+def test_matched_seeing_leaves_unconstrained_terms_out():
+    # Same seeing in both images: the basis Gaussians shrink below a pixel and several of
+    # their polynomial terms become the same image. Those combinations are left out of the
+    # solve instead of getting huge cancelling coefficients.
+    pair = make_pair(fwhm_science=4.0, fwhm_template=4.0, flux_ratio=1.3,
+                     transient_flux=(5000.0,), vanished_flux=(-5000.0,), seed=6)
+    result = al_subtract(pair.science, pair.template)
+    q, diff = result.quality, result.difference
+    assert q["n_unconstrained_terms"] >= 1
+    assert q["condition_number"] < 1e10
+    assert q["kernel_sum"] == pytest.approx(1 / 1.3, rel=0.01)
+    far = _source_free(pair, diff.shape)
+    assert np.std(diff.image[far] / np.sqrt(diff.variance[far])) == pytest.approx(1.0, abs=0.02)
+    assert _median_chi(pair, diff) <= 1.1
+
+
+def test_solve_normal_matches_a_plain_solve_when_well_posed():
+    rng = np.random.default_rng(3)
+    design = rng.normal(size=(200, 12)) * np.logspace(0, 4, 12)  # badly scaled columns
+    normal, rhs = design.T @ design, design.T @ rng.normal(size=200)
+    coeffs, condition, dropped = solve_normal(normal, rhs)
+    assert dropped == 0
+    np.testing.assert_allclose(coeffs, np.linalg.solve(normal, rhs), rtol=1e-9)
+    # The scaled condition number, not the raw one that the column scales inflate.
+    assert condition < 1e3 < np.linalg.cond(normal)
 
 
 def test_too_few_candidates_is_a_stage_error():

@@ -258,6 +258,22 @@ def test_flux_ratio_recovered_for_scaled_template():
     assert np.median(_star_chi(pair, result)) <= 1.1
 
 
+def test_flux_ratio_falls_back_to_fainter_stars():
+    # A small field: twelve stars at S/N ~8, none above the default S/N 20, and no
+    # calibration to fall back on. The fit lowers its threshold instead of giving up.
+    grid = np.linspace(60, 450, 4)
+    xy = np.array([(x, y) for x in grid for y in grid[:3]]) + 0.3
+    pair = _make_pair(31, 4.5, 3.5, scale=1.3, star_xy=xy, star_flux=800.0,
+                      with_transients=False)
+    result = zogy_subtract(pair.science, pair.template)
+    q = result.quality
+    assert q["flux_ratio_min_snr"] < ZogyConfig().flux_ratio_min_snr
+    assert q["n_flux_ratio_stars"] >= ZogyConfig().flux_ratio_min_stars
+    assert 0 < q["flux_ratio_err"] < 0.1
+    assert abs(result.flux_ratio - 1.3) < 3 * q["flux_ratio_err"]
+    assert abs(q["noise_ratio"] - 1) < 0.03
+
+
 def test_flux_ratio_direction_from_photo_calib():
     """nJy per count: science 2.0, template 2.0 / 1.3, so a source has 1.3x the counts there."""
     pair = _make_pair(11, 4.5, 3.5, scale=1.3)

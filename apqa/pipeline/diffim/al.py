@@ -418,6 +418,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         "residual_footprint_ratio": residual_footprint_ratio(
             out.image, variance, ix[used], iy[used], int(np.ceil(max(fwhm_s, fwhm_t)))),
         "condition_number": kernel.condition,
+        "n_unconstrained_terms": float(kernel.n_unconstrained),
         "n_kernel_candidates": float(ix.size),
         "n_kernel_used": float(used.sum()),
         "convolved": 0.0 if convolve_template else 1.0,

@@ -43,7 +43,8 @@ class MatchingKernel:
     ix: np.ndarray  # kernel-star pixel positions (all candidates fitted)
     iy: np.ndarray
     used: np.ndarray  # which of them survived the clipping
-    condition: float  # condition number of the normal equations
+    condition: float  # of the normal equations, scaled, in the directions solved for
+    n_unconstrained: int = 0  # parameter combinations the stars did not constrain (left at 0)
 
     @property
     def ksum(self) -> float:
@@ -253,7 +254,7 @@ def fit_kernel(target: Exposure, ref: Exposure, ix: np.ndarray, iy: np.ndarray,
         f = factor[used]
         normal = np.einsum("nj,nk,njk->jk", f, f, gram_g[used])
         rhs = np.einsum("nj,nj->j", f, rhs_local[used][:, lidx])
-        coeffs = np.linalg.solve(normal, rhs)
+        coeffs, condition, n_unconstrained = solve_normal(normal, rhs)
         # Per-stamp local coefficients, then chi^2 = d'Wd - 2 c'r + c'Gc.
         local_c = np.zeros((n, nb + 1))
         np.add.at(local_c.T, lidx, (factor * coeffs).T)
@@ -265,14 +266,50 @@ def fit_kernel(target: Exposure, ref: Exposure, ix: np.ndarray, iy: np.ndarray,
         if np.array_equal(new, used) or new.sum() < min_candidates:
             break
         used = new
-    condition = float(np.linalg.cond(normal))
     c0 = coeffs[0]
     ck = coeffs[1:1 + (nb - 1) * ns].reshape(nb - 1, ns)
     images = basis.images
     kernels = [c0 * images[0] + np.tensordot(ck[:, 0], images[1:], axes=1)]
     for s in range(1, ns):
         kernels.append(np.tensordot(ck[:, s], images[1:], axes=1))
-    return MatchingKernel(kernels, coeffs[1 + (nb - 1) * ns:], ix, iy, used, condition)
+    return MatchingKernel(kernels, coeffs[1 + (nb - 1) * ns:], ix, iy, used, condition,
+                          n_unconstrained)
+
+
+#: Directions of the scaled normal matrix with eigenvalues below this fraction of the largest
+#: are not solved for: the data constrain them to less than 1e-5 of the best-fitted ones.
+RCOND = 1e-10
+
+
+def solve_normal(normal: np.ndarray, rhs: np.ndarray, rcond: float = RCOND
+                 ) -> tuple[np.ndarray, float, int]:
+    """Least-squares parameters from normal equations, leaving unconstrained directions at 0.
+
+    When science and template have nearly the same seeing the basis Gaussians shrink to a
+    fraction of a pixel and their polynomial terms become almost the same images; with few
+    stars the spatial terms can lack data too. Such combinations have (numerically) zero
+    eigenvalues, where a plain solve returns huge cancelling coefficients. Here the matrix is
+    scaled to a unit diagonal, its eigenvectors with eigenvalues under ``rcond`` times the
+    largest are dropped (the minimum-norm solution within the rest), and the condition number
+    of what was solved is reported.
+
+    Returns
+    -------
+    coeffs, condition, n_dropped
+
+    Examples
+    --------
+    >>> normal = np.array([[2.0, 2.0], [2.0, 2.0]])  # two identical basis images
+    >>> coeffs, condition, dropped = solve_normal(normal, np.array([4.0, 4.0]))
+    >>> np.round(coeffs, 6).tolist(), dropped
+    ([1.0, 1.0], 1)
+    """
+    scale = 1.0 / np.sqrt(np.clip(np.diag(normal), np.finfo(float).tiny, None))
+    values, vectors = np.linalg.eigh(normal * scale[:, None] * scale[None, :])
+    keep = values > rcond * values[-1]
+    kept = vectors[:, keep]
+    coeffs = scale * (kept @ ((kept.T @ (scale * rhs)) / values[keep]))
+    return coeffs, float(values[keep][-1] / values[keep][0]), int((~keep).sum())
 
 
 def require_candidates(n_found: int, min_candidates: int, min_snr: float,

@@ -65,10 +65,10 @@ from apqa.datamodel import Exposure, GridPsf, measure_fwhm
 from apqa.errors import InputError, StageError
 from apqa.log import get_logger
 from apqa.pipeline.diffim.zogy_flux import (
+    FLOOR_SNR,
     _cross_kernels,
-    _find_stars,
-    _fit_flux_ratio,
     _initial_flux_ratio,
+    fit_flux_ratio_on_stars,
 )
 from apqa.pipeline.diffim.zogy_kernels import (
     SIGMA_TO_FWHM,  # noqa: F401 (public constant of this module, re-exported)
@@ -259,7 +259,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
 
     # Flux ratio F_r / F_n: given, fitted on bright stars, or from the calibrations.
     calib_ratio = _initial_flux_ratio(science, template)
-    ratio_err, n_ratio_stars = float("nan"), 0
+    ratio_err, n_ratio_stars, ratio_snr = float("nan"), 0, float("nan")
     if config.flux_ratio is not None:
         flux_ratio = float(config.flux_ratio)
     else:
@@ -275,27 +275,27 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                 ratio_psfs = _cell_psf_kernels(science, template, ratio_y, ratio_x,
                                                config.recenter_psf)
             cross = [_cross_kernels(pn, pr) for pn, pr, _ in ratio_psfs]
-            x, y = _find_stars(snr_n, untapered, config.flux_ratio_min_snr, fwhm_max,
-                               max(k.shape[0] for k, _ in cross) // 2,
-                               config.flux_ratio_max_stars)
-            group = (np.clip(np.searchsorted(ratio_y, y, side="right") - 1, 0,
-                             len(ratio_y) - 2) * (len(ratio_x) - 1)
-                     + np.clip(np.searchsorted(ratio_x, x, side="right") - 1, 0,
-                               len(ratio_x) - 2))
-            fitted, err, n_used = _fit_flux_ratio(img_n, img_r, var_n, var_r, cross, group,
-                                                  x, y, config.flux_ratio_clip)
-            if n_used >= config.flux_ratio_min_stars and fitted > 0:
+            fitted, err, n_used, snr_used = fit_flux_ratio_on_stars(
+                img_n, img_r, var_n, var_r, snr_n, untapered, cross, ratio_y, ratio_x,
+                fwhm_max, config.flux_ratio_min_snr, config.flux_ratio_min_stars,
+                config.flux_ratio_max_stars, config.flux_ratio_clip)
+            if np.isfinite(fitted):
                 flux_ratio, ratio_err, n_ratio_stars = fitted, err, n_used
+                ratio_snr = snr_used
+                if snr_used < config.flux_ratio_min_snr:
+                    log.warning("zogy: fewer than %d stars with S/N > %g for the flux ratio; "
+                                "fitted on %d with S/N > %g: %.4f +- %.4f",
+                                config.flux_ratio_min_stars, config.flux_ratio_min_snr,
+                                n_used, snr_used, fitted, err)
             else:
                 log.warning("zogy: %d usable stars with S/N > %g for the flux-ratio fit "
-                            "(need %d)", n_used, config.flux_ratio_min_snr,
-                            config.flux_ratio_min_stars)
+                            "(need %d)", n_used, snr_used, config.flux_ratio_min_stars)
         if not np.isfinite(flux_ratio):
             if calib_ratio is None:
                 raise StageError(
                     "zogy: no flux ratio: fewer than "
-                    f"{config.flux_ratio_min_stars} bright unmasked stars (S/N > "
-                    f"{config.flux_ratio_min_snr:g}) to fit it, and no photo_calib on both "
+                    f"{config.flux_ratio_min_stars} unmasked stars (S/N > "
+                    f"{FLOOR_SNR:g}) to fit it, and no photo_calib on both "
                     "exposures; set ZogyConfig.flux_ratio or give calibrated exposures")
             flux_ratio = calib_ratio
 
@@ -388,6 +388,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         "flux_ratio_err": ratio_err,
         "flux_ratio_calib": calib_ratio if calib_ratio is not None else float("nan"),
         "n_flux_ratio_stars": float(n_ratio_stars),
+        "flux_ratio_min_snr": float(ratio_snr),
         "sigma_science": sigma_n,
         "sigma_template": sigma_r,
         "input_noise_ratio_science": ratio_n,

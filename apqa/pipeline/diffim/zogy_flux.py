@@ -150,6 +150,47 @@ def _fit_flux_ratio(science: np.ndarray, template: np.ndarray, var_science: np.n
     return mean, scale * math.sqrt(float(weight.sum())) / total, int(keep.sum())
 
 
+#: Lowest matched-filter S/N the flux-ratio fit falls back to when too few brighter stars.
+FLOOR_SNR = 5.0
+
+
+def fit_flux_ratio_on_stars(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndarray,
+                            var_r: np.ndarray, snr_half: np.ndarray, usable: np.ndarray,
+                            cross: list[tuple[np.ndarray, np.ndarray]], cells_y: np.ndarray,
+                            cells_x: np.ndarray, fwhm: float, min_snr: float, min_stars: int,
+                            max_stars: int, clip: float) -> tuple[float, float, int, float]:
+    """F_r / F_n fitted on stars, lowering the S/N threshold when too few stars pass it.
+
+    Thresholds ``min_snr``, half and a quarter of it (not below :data:`FLOOR_SNR`) are tried
+    in turn until ``min_stars`` stars survive the fit: a small cut-out often holds only a
+    couple of stars at S/N 20, while a handful at S/N 5-10 still give the ratio to ~1%
+    (its error is returned, so a poorer fit shows). Star ``i`` is filtered with the cross
+    kernels of the cell of (``cells_y``, ``cells_x``) it falls in.
+
+    Returns
+    -------
+    ratio, error, n_used, threshold
+        ``ratio`` is NaN (and ``n_used`` below ``min_stars``) when no threshold gives enough.
+    """
+    margin = max(k.shape[0] for k, _ in cross) // 2
+    thresholds = sorted({max(FLOOR_SNR, min_snr / f) for f in (1, 2, 4)} | {min_snr},
+                        reverse=True)
+    best = (float("nan"), float("nan"), 0, min_snr)
+    for threshold in thresholds:
+        x, y = _find_stars(snr_half, usable, threshold, fwhm, margin, max_stars)
+        group = (np.clip(np.searchsorted(cells_y, y, side="right") - 1, 0, len(cells_y) - 2)
+                 * (len(cells_x) - 1)
+                 + np.clip(np.searchsorted(cells_x, x, side="right") - 1, 0,
+                           len(cells_x) - 2))
+        ratio, err, n_used = _fit_flux_ratio(img_n, img_r, var_n, var_r, cross, group, x, y,
+                                             clip)
+        if n_used >= min_stars and ratio > 0:
+            return ratio, err, n_used, threshold
+        if n_used > best[2]:
+            best = (float("nan"), float("nan"), n_used, threshold)
+    return best
+
+
 def _initial_flux_ratio(science: Exposure, template: Exposure) -> float | None:
     """F_r/F_n from the photometric calibrations: a source of f nJy has f / c counts.
 
