@@ -44,6 +44,38 @@ def psf_peak_contrast(fwhm: float) -> float:
     return float((p0 * p0 - p0 * p1) / (p0 * p0))
 
 
+#: Peak contrasts above this are taken for cosmic rays or hot pixels, not stars (a centred
+#: pixel-integrated Gaussian reaches it only at a FWHM under 1.1 px).
+MAX_STAR_CONTRAST = 0.8
+
+
+def sharpest_star_contrast(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """The sharpest peak contrast, (peak - mean of its 4 neighbours) / peak, among sources.
+
+    Give bright sources (S/N >~ 50: noise barely moves their contrast). Each source's peak is
+    the brightest pixel within one pixel of its rounded centroid. Contrasts above
+    :data:`MAX_STAR_CONTRAST` are left out. Returns 0 when no source qualifies.
+
+    A PSF with a sharp core on broad wings (JWST, HST) is far peakier than its second
+    moments say; the cores of its stars set the bound that cosmic rays must exceed.
+    """
+    ix = np.rint(np.asarray(x, float)).astype(int)
+    iy = np.rint(np.asarray(y, float)).astype(int)
+    if ix.size == 0:
+        return 0.0
+    stamps = boxes(image, ix, iy, 2).astype(np.float64)  # (n, 5, 5)
+    n = np.arange(ix.size)
+    brightest = stamps[:, 1:4, 1:4].reshape(ix.size, 9).argmax(axis=1)
+    py, px = brightest // 3 + 1, brightest % 3 + 1
+    peak = stamps[n, py, px]
+    around = 0.25 * (stamps[n, py - 1, px] + stamps[n, py + 1, px] + stamps[n, py, px - 1]
+                     + stamps[n, py, px + 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        contrast = (peak - around) / peak
+    ok = np.isfinite(contrast) & (peak > 0) & (contrast <= MAX_STAR_CONTRAST)
+    return float(contrast[ok].max()) if ok.any() else 0.0
+
+
 def _rows_excess(work: np.ndarray, r0: int, r1: int) -> np.ndarray:
     """Rows ``r0:r1`` of ``work`` minus the mean of each pixel's four neighbours (the image's
     edges repeated)."""
@@ -108,7 +140,8 @@ def _near_excluded(excluded: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.n
 
 def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.ndarray | float,
                        excluded: np.ndarray, psf_fwhm: float,
-                       config: CosmicRayConfig | None = None) -> np.ndarray:
+                       config: CosmicRayConfig | None = None,
+                       star_contrast: float = 0.0) -> np.ndarray:
     """Boolean map of cosmic-ray pixels.
 
     Parameters
@@ -123,9 +156,12 @@ def detect_cosmic_rays(image: np.ndarray, variance: np.ndarray, background: np.n
         PSF FWHM in pixels: sharper features than this PSF allows are cosmic rays. The bound is
         computed for a Gaussian of 0.85 times this FWHM, because real (Moffat, Kolmogorov) cores
         are peakier than a Gaussian of the same width.
+    star_contrast
+        The sharpest peak contrast measured on the image's stars
+        (:func:`sharpest_star_contrast`), when the PSF's core is peakier still.
     """
     config = config or CosmicRayConfig()
-    contrast = psf_peak_contrast(0.85 * psf_fwhm)
+    contrast = max(psf_peak_contrast(0.85 * psf_fwhm), star_contrast)
     limit = np.float32(min(config.sharpness_factor * contrast, 0.95))
     floor = np.broadcast_to(np.asarray(background, np.float32), image.shape)
     # The pixels as the passes see them: found cosmic rays are filled in a copy (made once

@@ -21,9 +21,14 @@ from pydantic import Field
 from scipy.ndimage import binary_dilation, label
 
 from apqa.config import ConfigModel
-from apqa.datamodel import Exposure
+from apqa.datamodel import Exposure, MoffatPsf
 from apqa.errors import StageError
-from apqa.pipeline.cosmic_rays import CosmicRayConfig, detect_cosmic_rays
+from apqa.log import get_logger
+from apqa.pipeline.cosmic_rays import (
+    CosmicRayConfig,
+    detect_cosmic_rays,
+    sharpest_star_contrast,
+)
 from apqa.pipeline.detect import windowed_moments
 from apqa.pipeline.interpolate import interpolate_masked
 from apqa.pipeline.photometry import aperture_correction, psf_flux
@@ -32,6 +37,10 @@ from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, select_psf_candidat
 
 SIGMA_TO_FWHM = 2.3548
 _FLAGGED = ("SAT", "BAD", "CR", "NO_DATA", "INTRP")
+log = get_logger(__name__)
+
+#: Sources at least this bright (aperture S/N) show the sharpness of the PSF's core.
+_CORE_SNR = 50.0
 
 
 class PrepareConfig(ConfigModel):
@@ -281,7 +290,11 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
                              config)
     n_cr = 0
     if config.cosmic_rays:
-        crs = detect_cosmic_rays(image, variance, 0.0, masked, fwhm, config.cosmic_ray)
+        # Stars' own cores bound what counts as too sharp: a core on broad wings is much
+        # peakier than the FWHM from moments says, and must not be taken for cosmic rays.
+        bright = sources[(sources["snr"] >= _CORE_SNR) & ~sources["bad_pixels"]]
+        crs = detect_cosmic_rays(image, variance, 0.0, masked, fwhm, config.cosmic_ray,
+                                 sharpest_star_contrast(image, bright["x"], bright["y"]))
         n_cr = int(crs.sum())
         if n_cr:
             mask.set("CR", crs)
@@ -306,9 +319,19 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     relabel[sources.loc[candidates.index, "label"].to_numpy()] = candidates.index + 1
     labels = _BinnedLabels(relabel[segmap], config.binning)
     fit = fit_psf(image, variance, candidates, fwhm, image.shape, config.psf, labels=labels)
+    psf, psf_fallback = fit.psf, False
     used = fit.stars.index[fit.stars["psf_used"]]
+    if not np.isfinite(psf.fwhm):
+        # No shape to measure: the few "stars" were noise-dominated or galaxies (a deep
+        # extragalactic field). A Moffat of the sources' size keeps differencing going; the
+        # warning and the quality flag say that its PSFs are a guess.
+        log.warning("PSF model from %d sources has no measurable shape (too few point "
+                    "sources?): using a Moffat of FWHM %.2f px from the sources' sizes",
+                    len(used), fwhm)
+        height, width = image.shape
+        psf, psf_fallback = MoffatPsf(width, height, [fwhm]), True
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
-    star_flux, _, _, _ = psf_flux(image, variance, usable, fit.psf,
+    star_flux, _, _, _ = psf_flux(image, variance, usable, psf,
                                   sources.loc[used, "x"], sources.loc[used, "y"])
     ap_corr, ap_corr_err = aperture_correction(star_flux, sources.loc[used, "apFlux"],
                                                sources.loc[used, "apFluxErr"])
@@ -316,11 +339,15 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     metadata = exposure.metadata.copy()
     metadata["APCORR"] = (float(ap_corr), "aperture correction of PSF fluxes")
     metadata["FWHMEST"] = (fwhm, "[px] FWHM from the sizes of bright sources")
-    out = Exposure(image=image, variance=variance, mask=mask, psf=fit.psf, wcs=exposure.wcs,
+    if not 0.67 < ap_corr < 1.5:
+        log.warning("PSF fluxes of the PSF stars are %.2f times their aperture fluxes: the PSF "
+                    "model does not describe them (few or extended 'stars'?)", 1 / ap_corr)
+    out = Exposure(image=image, variance=variance, mask=mask, psf=psf, wcs=exposure.wcs,
                    photo_calib=exposure.photo_calib, visit_info=exposure.visit_info,
                    detector_info=exposure.detector_info, metadata=metadata)
     quality = {
-        "psf_fwhm_px": float(fit.psf.fwhm),
+        "psf_fwhm_px": float(psf.fwhm),
+        "psf_fallback": float(psf_fallback),
         "psf_residual_chi2": fit.residual_chi2,
         "n_psf_stars": float(len(used)),
         "n_sources": float(len(sources)),
