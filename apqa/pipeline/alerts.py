@@ -182,6 +182,12 @@ def build_alerts(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame, differenc
             "mpc_orbits", "cutoutDifference", "cutoutScience", "cutoutTemplate"]:
         raise StageError(f"alert schema {alert_schema().get_schema_id()}: unexpected "
                          f"top-level fields {top}")
+    object_ids = dia_sources["diaObjectId"].to_numpy(np.int64, na_value=-1)
+    # Only the linked objects' history goes into packets: encode nothing else (a footprint's
+    # history holds every object there, mostly not seen in this visit).
+    history, forced_history = (
+        None if table is None else table[table["diaObjectId"].isin(object_ids)]
+        for table in (history, forced_history))
     sources = _encode(dia_sources, "diaSource")
     objects = _encode(dia_objects, "diaObject")
     object_at = dict(zip(dia_objects["diaObjectId"].to_numpy(np.int64).tolist(), objects,
@@ -193,7 +199,7 @@ def build_alerts(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame, differenc
     sizes = np.clip(dia_sources["bboxSize"].to_numpy(np.int64), config.cutout_min,
                     config.cutout_max).tolist()
     ids = dia_sources["diaSourceId"].to_numpy(np.int64).tolist()
-    object_ids = dia_sources["diaObjectId"].to_numpy(np.int64, na_value=-1).tolist()
+    object_ids = object_ids.tolist()
     mjd = dia_sources["midpointMjdTai"].to_numpy(np.float64).tolist()
 
     def earlier(index: tuple[dict, np.ndarray], rows: list[bytes], oid: int, t: float

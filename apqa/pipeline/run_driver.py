@@ -120,7 +120,7 @@ class RunAssociator:
                                objects[~objects["diaObjectId"].isin(updated)]],
                               ignore_index=True)
         forced = forced_photometry(footprint, difference, science, visit, det)
-        forced_history = apdb.read_forced_sources(objects["diaObjectId"],
+        forced_history = apdb.read_forced_sources(result.dia_objects["diaObjectId"],
                                                   before_mjd=rec["mjd"])
         apdb.store_visit(visit, det, result.dia_sources, result.dia_objects, forced)
         batch = build_alerts(result.dia_sources, result.dia_objects, difference, science,
