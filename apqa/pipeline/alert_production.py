@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -23,6 +22,7 @@ from apqa.pipeline.alert_publish import AlertStats, AlertWriter
 from apqa.pipeline.alerts import AlertConfig, build_alerts
 from apqa.pipeline.associate import AssociationConfig, associate
 from apqa.pipeline.forced import forced_photometry
+from apqa.pipeline.sky_geometry import footprint_cone
 
 if TYPE_CHECKING:  # a type only: units on Dask workers need no SQLAlchemy
     from apqa.pipeline.apdb import Apdb
@@ -47,19 +47,6 @@ class AlertProductionResult:
     n_forced: int = 0
     alerts: AlertStats | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def footprint_cone(exposure: Exposure, margin_arcsec: float = 0.0) -> tuple[float, float, float]:
-    """(ra, dec, radius) in degrees of a cone holding the whole exposure."""
-    height, width = exposure.shape
-    xs = np.array([(width - 1) / 2, 0, width - 1, 0, width - 1], float)
-    ys = np.array([(height - 1) / 2, 0, 0, height - 1, height - 1], float)
-    ra, dec = exposure.pixel_to_sky(xs, ys)
-    c_ra, c_dec = np.deg2rad(ra[0]), np.deg2rad(dec[0])
-    r_ra, r_dec = np.deg2rad(ra[1:]), np.deg2rad(dec[1:])
-    cos_sep = np.sin(c_dec) * np.sin(r_dec) + np.cos(c_dec) * np.cos(r_dec) * np.cos(r_ra - c_ra)
-    radius = float(np.rad2deg(np.arccos(np.clip(cos_sep, -1, 1))).max())
-    return float(ra[0]), float(dec[0]), radius + margin_arcsec / 3600.0
 
 
 def produce_alerts(apdb: Apdb, dia_sources: pd.DataFrame, difference: Exposure,

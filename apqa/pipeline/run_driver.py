@@ -25,6 +25,7 @@ from apqa.pipeline.associate import associate
 from apqa.pipeline.forced import forced_photometry
 from apqa.pipeline.run_layout import unit_dir
 from apqa.pipeline.run_units import InjectRunConfig
+from apqa.pipeline.sky_geometry import footprint_cone
 
 OK = ("done", "skipped")
 
@@ -38,16 +39,6 @@ class AssociationTotals:
     n_alerts: int = 0
     alert_bytes: int = 0
     apdb_counts: dict[str, int] = field(default_factory=dict)
-
-
-def _footprint(exposure: Exposure) -> tuple[float, float, float]:
-    """(ra, dec, radius) in degrees of a cone holding the whole exposure."""
-    w, h = exposure.width - 1, exposure.height - 1
-    ra, dec = exposure.pixel_to_sky(np.array([w / 2, 0, w, 0, w]), np.array([h / 2, 0, 0, h, h]))
-    c = np.radians([ra[0], dec[0]])
-    r, d = np.radians(ra[1:]), np.radians(dec[1:])
-    cos = np.sin(c[1]) * np.sin(d) + np.cos(c[1]) * np.cos(d) * np.cos(r - c[0])
-    return float(ra[0]), float(dec[0]), float(np.degrees(np.arccos(np.clip(cos, -1, 1))).max())
 
 
 class RunAssociator:
@@ -113,7 +104,7 @@ class RunAssociator:
         difference = Exposure.from_fits(folder / "difference.fits", lazy=True)
         science = Exposure.from_fits(folder / "science.fits", lazy=True)
         template = Exposure.from_fits(folder / "template.fits", lazy=True)
-        objects, history = apdb.read_region(_footprint(difference), before_mjd=rec["mjd"])
+        objects, history = apdb.read_region(footprint_cone(difference), before_mjd=rec["mjd"])
         result = associate(dia, objects, config.association, history=history)
         updated = set(result.dia_objects["diaObjectId"].tolist())
         footprint = pd.concat([result.dia_objects,

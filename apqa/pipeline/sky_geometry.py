@@ -27,3 +27,16 @@ def local_pixel_scale(exposure: Exposure, x: np.ndarray, y: np.ndarray) -> np.nd
     sx = np.hypot((ra1 - ra) * cosd, dec1 - dec)
     sy = np.hypot((ra2 - ra) * cosd, dec2 - dec)
     return 3600.0 * np.sqrt(sx * sy)
+
+
+def footprint_cone(exposure: Exposure, margin_arcsec: float = 0.0) -> tuple[float, float, float]:
+    """(ra, dec, radius) in degrees of a cone holding the whole exposure."""
+    height, width = exposure.shape
+    xs = np.array([(width - 1) / 2, 0, width - 1, 0, width - 1], float)
+    ys = np.array([(height - 1) / 2, 0, 0, height - 1, height - 1], float)
+    ra, dec = exposure.pixel_to_sky(xs, ys)
+    c_ra, c_dec = np.deg2rad(ra[0]), np.deg2rad(dec[0])
+    r_ra, r_dec = np.deg2rad(ra[1:]), np.deg2rad(dec[1:])
+    cos_sep = np.sin(c_dec) * np.sin(r_dec) + np.cos(c_dec) * np.cos(r_dec) * np.cos(r_ra - c_ra)
+    radius = float(np.rad2deg(np.arccos(np.clip(cos_sep, -1, 1))).max())
+    return float(ra[0]), float(dec[0]), radius + margin_arcsec / 3600.0
