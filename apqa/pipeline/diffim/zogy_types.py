@@ -13,6 +13,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, Mask
+from apqa.datamodel.blocks import ROWS, row_blocks
 
 
 class ZogyConfig(ConfigModel):
@@ -112,16 +113,33 @@ class ZogyResult:
 
 
 def _output_mask(science: Mask, template: Mask, config: ZogyConfig) -> Mask:
-    """Science planes OR template planes (by name; some template planes renamed)."""
-    mask = science.copy()
+    """Science planes OR template planes (by name; some template planes renamed), without
+    the planes of ``config.clear_mask_planes``.
+
+    One pass over the masks by blocks of rows: template bits move to their output bits in
+    groups that share a shift, instead of a full-image pass per plane.
+    """
+    planes = dict(science.planes)
+    out = Mask(np.empty_like(science.array), planes)
     present = int(np.bitwise_or.reduce(template.array, axis=None))
+    moves: dict[int, int] = {}  # shift (output bit - template bit) -> template bits
     for name, bit in template.planes.items():
-        if not present & (1 << bit):
-            continue  # one pass over the mask instead of one per plane
-        target = config.template_plane_renames.get(name, name)
-        mask.add_plane(target)
-        mask.set(target, (template.array & (1 << bit)) != 0)
-    for name in config.clear_mask_planes:
-        if name in mask.planes:
-            mask.clear(name)
-    return mask
+        if present & (1 << bit):
+            target = out.add_plane(config.template_plane_renames.get(name, name))
+            moves[target - bit] = moves.get(target - bit, 0) | (1 << bit)
+    keep = ~out.bitmask([n for n in config.clear_mask_planes if n in planes])
+    part = np.empty((min(ROWS, science.array.shape[0]), science.array.shape[1]),
+                    science.array.dtype)
+    for rows in row_blocks(science.array.shape[0]):
+        block = out.array[rows]
+        np.copyto(block, science.array[rows])
+        moved = part[:len(block)]
+        for shift, bits in moves.items():
+            np.bitwise_and(template.array[rows], bits, out=moved)
+            if shift > 0:
+                np.left_shift(moved, shift, out=moved)
+            elif shift < 0:
+                np.right_shift(moved, -shift, out=moved)
+            block |= moved
+        block &= keep
+    return out
