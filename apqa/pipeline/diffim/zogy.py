@@ -305,7 +305,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     kernel_args = (sigma_n, sigma_r, flux_ratio, config.epsilon, radius,
                    config.kernel_tolerance, radius)
     if not tiled:
-        tiles = [_Tile(kernels=_zogy_kernels(psf_n, psf_r, *kernel_args, psf_size),
+        tiles = [_Tile(kernels=_zogy_kernels(psf_n, psf_r, *kernel_args, psf_size, with_score),
                        shift=cell_psfs[0][2])]
         buf_vn = _padded_product(var_n, w2, bad, pshape)[1]
         buf_vr = _padded_product(var_r, w2, bad, pshape)[1]

@@ -25,8 +25,8 @@ class _Kernels:
     d_science: np.ndarray   # k_dn: D = k_dn (x) N - k_dr (x) R
     d_template: np.ndarray  # k_dr
     psf_d: np.ndarray       # P_D
-    s_science: np.ndarray   # k_sn = k_dn (x) P_D(-x): S = k_sn (x) N - k_sr (x) R
-    s_template: np.ndarray  # k_sr
+    s_science: np.ndarray | None   # k_sn = k_dn (x) P_D(-x): S = k_sn (x) N - k_sr (x) R
+    s_template: np.ndarray | None  # k_sr (both None when made without the score's kernels)
     score_psf: np.ndarray   # P_D (x) P_D(-x), peak 1
     flux_zero_point: float  # F_D
     truncation: float       # largest fraction of a kernel's sum of squares lost by the crop
@@ -133,7 +133,7 @@ def _outside_power(kernel: np.ndarray) -> np.ndarray:
 def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_science: float,
                   sigma_template: float, flux_ratio: float, epsilon: float,
                   radius: int | None, tolerance: float, max_radius: int,
-                  psf_size: int) -> _Kernels:
+                  psf_size: int, with_score: bool = True) -> _Kernels:
     """ZOGY's kernels in real space, from the two PSFs, noise levels and flux ratio.
 
     They are computed in float64 on a grid of about four times ``max_radius``, where the
@@ -149,6 +149,9 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     ratio of two rounding errors would put random structure into the kernels, so ``den^2``
     gets ``epsilon`` times its zero-frequency value added, which rolls the kernels off
     smoothly where neither image holds any signal.
+
+    Without ``with_score`` the score's two kernels are not made (a third fewer transforms);
+    the truncation is then that of the D kernels.
     """
     m = sfft.next_fast_len(4 * max_radius + 2, real=True)
     # Both PSFs, then all six kernels, in one batched transform each.
@@ -165,11 +168,13 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     # The score up to the constant F_D^2, which cancels in S_corr: S = D (x) P_D(-x).
     pd_conj = np.conj(pd_hat)
     specs = {"d_science": kdn_hat, "d_template": kdr_hat, "psf_d": pd_hat,
-             "s_science": kdn_hat * pd_conj, "s_template": kdr_hat * pd_conj,
              "score_psf": pd_hat * pd_conj}
+    names = ("d_science", "d_template")
+    if with_score:
+        specs.update(s_science=kdn_hat * pd_conj, s_template=kdr_hat * pd_conj)
+        names = (*names, "s_science", "s_template")
     full = dict(zip(specs, sfft.irfft2(np.stack(list(specs.values())), s=(m, m)),
                     strict=True))
-    names = ("d_science", "d_template", "s_science", "s_template")
     if radius is None:
         outside = np.max([_outside_power(full[n])[:max_radius + 1] for n in names], axis=0)
         fits = np.nonzero(outside <= tolerance)[0]
@@ -188,8 +193,8 @@ def _zogy_kernels(psf_science: np.ndarray, psf_template: np.ndarray, sigma_scien
     psf_d = psf_d / psf_d.sum()
     score_psf = _centred_crop(full["score_psf"], psf_size)
     score_psf = score_psf / score_psf[psf_size // 2, psf_size // 2]
-    return _Kernels(cropped["d_science"], cropped["d_template"], psf_d, cropped["s_science"],
-                    cropped["s_template"], score_psf, f_d, max(truncation, 0.0), radius)
+    return _Kernels(cropped["d_science"], cropped["d_template"], psf_d, cropped.get("s_science"),
+                    cropped.get("s_template"), score_psf, f_d, max(truncation, 0.0), radius)
 
 
 def _cell_psf_kernels(science: Exposure, template: Exposure, cells_y: np.ndarray,

@@ -119,6 +119,7 @@ def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf
     var_d = crop(filtered([(kernels.d_science**2, vn_hat), (kernels.d_template**2, vr_hat)]))
     if not with_score:
         return diff, None, var_d, None
+    assert kernels.s_science is not None and kernels.s_template is not None
     var_s = crop(filtered([(kernels.s_science**2, vn_hat), (kernels.s_template**2, vr_hat)]))
     del vn_hat, vr_hat
     sigma_ast_n, sigma_ast_r = astrometric_sigma
@@ -188,7 +189,7 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
             x0 = max(0, cells_x[i] - blend - radius)
             x1 = min(width, cells_x[i + 1] + blend + radius)
             pn, pr, shift = cell_psfs[j * (len(cells_x) - 1) + i]
-            kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size)
+            kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size, with_score)
             tiles.append(_Tile(kernels, shift))
             region = (slice(y0, y1), slice(x0, x1))
             fshape = (_fast_even(y1 - y0 + pad), _fast_even(x1 - x0 + pad))
