@@ -77,7 +77,7 @@ def inject_and_run_command(
     visits: Annotated[int | None, typer.Option(min=1, help="First N science visits.")] = None,
     detectors: Annotated[int | None, typer.Option(min=1, help="First N detectors.")] = None,
     n_fakes: Annotated[int | None, typer.Option(min=0, help="Fakes per visit-detector "
-                                                "(default 200).")] = None,
+                                                "(default 200 per 2048x4096 pixels).")] = None,
     fake_density: Annotated[float | None, typer.Option(help="Fakes per deg^2 instead.")] = None,
     fake_kinds: Annotated[str | None, typer.Option(
         help="Comma list of point,hosted,variable,negative,trail.")] = None,

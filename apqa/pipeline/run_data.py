@@ -8,6 +8,7 @@ Folder manifest (the simulator's ``apqa simulate`` output is one)::
 
     {"dataset": "my-field",
      "refcat": "refcat.parquet",                      # optional, Gaia DR3 column names
+     "magzero": 30.0,                                 # optional, for images without MAGZERO
      "exposures": [                                   # one entry per visit-detector
        {"visit": 1, "detector": 1, "is_template": true, "raw": "ref.fits"},
        {"visit": 2, "detector": 1, "is_template": false, "mjd": 60000.1, "raw": "new.fits",
@@ -17,7 +18,8 @@ Folder manifest (the simulator's ``apqa simulate`` output is one)::
 
 Paths are relative to the folder. ``raw`` is an apqa raw exposure (then ``bias`` is needed) or a
 reduced plain FITS image (header WCS, GAIN, RDNOISE, SATURATE, MAGZERO, EXPTIME, FILTER,
-MJD-OBS).
+MJD-OBS). The manifest's ``visit``, ``detector``, ``mjd`` and ``magzero`` (per entry, or one for
+the dataset) replace what the files' headers say.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apqa.datamodel import Exposure, Mask
+from apqa.datamodel import Exposure, Mask, PhotoCalib
 from apqa.errors import InputError
+from apqa.log import get_logger
 from apqa.sim.config import SimulationConfig
 from apqa.sim.survey import SurveySimulator, load_manifest
+
+log = get_logger(__name__)
 
 EMBEDDED = ("hits-sim", "cosmos-sim", "crowded-sim")
 #: Truth kinds that really change between template and science: DiaSources on them are real.
@@ -148,7 +153,9 @@ class DatasetSource:
         if entry is None:
             raise InputError(f"{root}/manifest.json: no exposure for visit {visit} detector "
                              f"{detector}")
-        raw = Exposure.from_fits(root / entry["raw"])
+        raw = _as_listed(Exposure.from_fits(root / entry["raw"]), entry,
+                         f"{root}/manifest.json",
+                         entry.get("magzero", _manifest(self.path).get("magzero")))
         bias = Exposure.from_fits(root / entry["bias"], require_wcs=False) \
             if entry.get("bias") else None
         flat = Exposure.from_fits(root / entry["flat"], require_wcs=False) \
@@ -161,6 +168,30 @@ class DatasetSource:
             if {"visit", "detector"} <= set(table.columns):
                 truth = table[(table["visit"] == visit) & (table["detector"] == detector)]
         return UnitInputs(raw, bias, flat, defects, truth)
+
+
+def _as_listed(exposure: Exposure, entry: dict, manifest: str,
+               magzero: float | None = None) -> Exposure:
+    """The exposure with the manifest's visit, detector and (when given) mjd and zero point:
+    the run plans, associates and names its outputs by those, whatever the file's header says
+    (plain FITS often carry no visit number, the camera's CCD number, no MAGZERO)."""
+    info = exposure.visit_info
+    if info is None:
+        return exposure
+    mjd = float(entry["mjd"]) if entry.get("mjd") is not None else info.mjd
+    if np.isfinite(info.mjd) and abs(info.mjd - mjd) * 86400.0 > 1.0:
+        log.warning("%s: visit %s detector %s: mjd %.6f replaces the header's %.6f",
+                    manifest, entry["visit"], entry["detector"], mjd, info.mjd)
+    exposure = replace(exposure, visit_info=replace(info, visit=int(entry["visit"]),
+                                                    detector=int(entry["detector"]), mjd=mjd))
+    if magzero is not None:
+        try:
+            exposure.photo_calib = PhotoCalib.from_zero_point(float(magzero))
+        except (TypeError, ValueError):
+            raise InputError(f"{manifest}: visit {entry['visit']} detector "
+                             f"{entry['detector']}: magzero {magzero!r} is not a number "
+                             "(expected a magnitude zero point of the image's counts)") from None
+    return exposure
 
 
 def _simulator(config: SimulationConfig) -> SurveySimulator:

@@ -90,7 +90,13 @@ class RunAssociator:
         while self.next < len(self.order) and self.order[self.next] in self.pending:
             ready = self.pending.pop(self.order[self.next])
             if ready["status"] in OK:
-                self._associate(ready)
+                try:
+                    self._associate(ready)
+                except Exception as exc:  # its outputs unreadable, its ids not fitting...
+                    # The unit fails alone, reported like any failed unit; later visits go on
+                    # without it (what its transaction stored before the error stays).
+                    ready["status"] = "failed"
+                    ready["error"] = f"association: {type(exc).__name__}: {exc}"
             self.next += 1
         self.seconds += time.perf_counter() - start
 

@@ -57,10 +57,17 @@ FAKE_KINDS = {"point": "isolated", "hosted": "hosted", "variable": "variable",
               "negative": "negative", "trail": "trail"}
 
 
+#: The default fake count: 200 on a 2048x4096 detector, the same density elsewhere.
+DEFAULT_FAKES_SHAPE = (4096, 2048)
+FAKES_PER_PIXEL = 200 / (DEFAULT_FAKES_SHAPE[0] * DEFAULT_FAKES_SHAPE[1])
+
+
 class InjectRunConfig(ConfigModel):
     """Settings of ``apqa inject-and-run`` (the ``--config`` YAML; options override them)."""
 
-    n_fakes: int = Field(200, ge=0, description="fakes per visit-detector")
+    n_fakes: int | None = Field(
+        None, ge=0, description="fakes per visit-detector; by default 200 on a 2048x4096 "
+        "detector and in proportion to the pixel area on others (a small cut-out gets a few)")
     fake_density: float | None = Field(None, gt=0, description="fakes per deg^2 (overrides "
                                        "n_fakes)")
     fake_kinds: list[str] = Field(default_factory=lambda: ["point", "hosted", "negative"],
@@ -79,12 +86,19 @@ class InjectRunConfig(ConfigModel):
     real_radius_arcsec: float = Field(
         1.0, gt=0, description="DiaSources this close to a true transient or asteroid are real")
 
-    def catalog_config(self) -> CatalogConfig:
+    def catalog_config(self, shape: tuple[int, int] | None = None) -> CatalogConfig:
+        """Injection settings for an exposure of ``shape`` (height, width), which sets the
+        default number of fakes (:data:`FAKES_PER_PIXEL`)."""
         unknown = sorted(set(self.fake_kinds) - set(FAKE_KINDS))
         if unknown:
             raise ConfigError(f"fake kinds {unknown}: unknown; expected some of "
                               f"{sorted(FAKE_KINDS)}")
-        return CatalogConfig(n=self.n_fakes, density=self.fake_density,
+        n = self.n_fakes
+        if n is None:
+            area = DEFAULT_FAKES_SHAPE[0] * DEFAULT_FAKES_SHAPE[1] if shape is None else (
+                shape[0] * shape[1])
+            n = max(1, round(FAKES_PER_PIXEL * area))
+        return CatalogConfig(n=n, density=self.fake_density,
                              mix={FAKE_KINDS[k]: 1.0 for k in self.fake_kinds},
                              mag_range=self.fake_mag_range)
 
@@ -196,7 +210,7 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     del single
 
     start = time.perf_counter()
-    catalog = generate_catalog(calexp, config.catalog_config(), hosts=sci_sources,
+    catalog = generate_catalog(calexp, config.catalog_config(calexp.shape), hosts=sci_sources,
                                seed=unit_seed(seed, visit, detector))
     science, drawn = inject(calexp, catalog, seed=seed, visit=visit, detector=detector,
                             target="science")

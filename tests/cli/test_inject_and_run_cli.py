@@ -135,3 +135,40 @@ def _environ(process: psutil.Process) -> dict:
         return process.environ()
     except (psutil.Error, OSError):  # gone, or not ours
         return {}
+
+
+@pytest.mark.real_data
+def test_user_dataset_of_real_decam_images(tmp_path):
+    """Real cut-outs as users bring them: no visit number (CCDNUM 37), all three with the same
+    header date, no MAGZERO. The manifest's visit, detector, mjd and zero point are used, and
+    the default number of fakes follows the small area."""
+    from tests.real_data import require_real_data
+
+    decam = require_real_data("decam-mini")
+    folder = tmp_path / "decam"
+    folder.mkdir()
+    for name in ("DEC-OBS18a", "DEC-OBS04a", "DEC-OBS04b"):
+        shutil.copy(decam / f"{name}.mini.fits", folder)
+    (folder / "manifest.json").write_text(json.dumps({
+        "dataset": "decam-mini", "magzero": 30.0,
+        "exposures": [
+            {"visit": 18, "detector": 1, "is_template": True, "raw": "DEC-OBS18a.mini.fits"},
+            {"visit": 41, "detector": 1, "is_template": False, "mjd": 58334.40,
+             "raw": "DEC-OBS04a.mini.fits"},
+            {"visit": 42, "detector": 1, "is_template": False, "mjd": 58334.41,
+             "raw": "DEC-OBS04b.mini.fits"}]}))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["inject-and-run", "--dataset", str(folder), "--out", str(out),
+                                 "--db", str(tmp_path / "m.db"), "--scheduler", "process",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_units"] == 2 and summary["n_failed"] == 0
+    import pandas as pd
+
+    for visit in (41, 42):
+        unit = json.loads((out / f"units/v{visit}_d01/unit.json").read_text())
+        assert unit["n_fakes"] == 2  # 200 per 2048x4096 pixels, on 256x256
+        dia = pd.read_parquet(out / f"units/v{visit}_d01/diaSources.parquet")
+        assert set(dia["visit"]) <= {visit} and set(dia["detector"]) <= {1}
+    assert (out / "alerts" / "alerts_41_1.avro").is_file()

@@ -173,3 +173,23 @@ def test_local_cluster_workers_run_without_dashboard_monitoring(monkeypatch):
     run_exec.execute(None, "local:1", lambda record: None)
     assert seen == [{"profile": False, "profiler_running": False, "monitor_interval": 5000,
                      "forked": True, "server_preloads_pipeline": True}]
+
+
+def test_a_unit_whose_outputs_cannot_be_associated_fails_alone(tmp_path):
+    # Its DiaSource table was damaged after the unit finished: association fails for it
+    # only, the unit is reported failed, and the next unit in time order is still taken.
+    units = [(1, 1, 60000.1), (2, 1, 60000.2)]
+    for visit, det, _ in units:
+        unit_dir(tmp_path, visit, det).mkdir(parents=True)
+        (unit_dir(tmp_path, visit, det) / "diaSources.parquet").write_bytes(b"not parquet")
+    from apqa.pipeline.run_driver import RunAssociator
+
+    records = [{"visit": v, "detector": d, "mjd": m, "status": "done"} for v, d, m in units]
+    with RunAssociator(tmp_path, units, str(tmp_path / "apdb.sqlite"), CONFIG) as associator:
+        for record in reversed(records):  # out of order: the second waits for the first
+            associator.offer(record)
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    for record in records:
+        assert record["error"].startswith("association: ArrowInvalid")
+        assert f"v{record['visit']}_d01/diaSources.parquet" in record["error"]
+    assert associator.next == 2
