@@ -156,6 +156,37 @@ def _median_inplace(values: np.ndarray) -> float:
     return 0.5 * (float(values[:half].max()) + float(values[half]))
 
 
+def calibration_from_units(header: fits.Header, source: str = "header") -> PhotoCalib | None:
+    """The calibration of pixels already in flux units: ``BUNIT`` a spectral flux density
+    (``nJy``, ``uJy``, ``Jy``...) per pixel, or per steradian with the pixel's solid angle in
+    ``PIXAR_SR`` (JWST and HST drizzled images: ``MJy/sr``). None for counts (``ADU``, ``e-/s``)
+    or without ``BUNIT``.
+
+    Examples
+    --------
+    >>> header = fits.Header({"BUNIT": "MJy/sr", "PIXAR_SR": 2.25e-14})
+    >>> round(calibration_from_units(header).calibration_mean, 3)  # nJy per pixel value
+    22.5
+    """
+    import astropy.units as u
+
+    text = str(header.get("BUNIT", "")).strip()
+    if not text:
+        return None
+    unit = u.Unit(text, parse_strict="silent")
+    if isinstance(unit, u.UnrecognizedUnit):
+        return None
+    if unit.is_equivalent(u.nJy):
+        return PhotoCalib(float(unit.to(u.nJy)))
+    if unit.is_equivalent(u.nJy / u.sr):
+        solid_angle = _number(header, ("PIXAR_SR",), source)
+        if solid_angle is None or not solid_angle > 0:
+            raise InputError(f"{source}: BUNIT={text!r} is per steradian but PIXAR_SR (the "
+                             "pixel's solid angle in sr) is missing or not positive")
+        return PhotoCalib(float(unit.to(u.nJy / u.sr)) * solid_angle)
+    return None
+
+
 def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     """The first 2-d image of ``hdul`` as an :class:`Exposure`: header keywords, NaN pixels as
     NO_DATA, SAT from SATURATE, and the variance from the sky noise plus GAIN's Poisson term
@@ -221,6 +252,7 @@ def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     )
     return Exposure(
         image=image, variance=variance, mask=mask, wcs=wcs,
-        photo_calib=PhotoCalib.from_zero_point(magzero) if magzero is not None else None,
+        photo_calib=(PhotoCalib.from_zero_point(magzero) if magzero is not None
+                     else calibration_from_units(header, source)),
         visit_info=visit_info, detector_info=detector_info, metadata=metadata,
     )

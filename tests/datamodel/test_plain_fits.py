@@ -98,6 +98,30 @@ def test_zero_point_keywords(key, sky_image, tmp_path, write_plain):
     assert exp.photo_calib.to_abmag(1.0) == pytest.approx(28.37, abs=1e-10)
 
 
+@pytest.mark.parametrize(("cards", "njy_per_value"), [
+    ({"BUNIT": "nJy"}, 1.0),
+    ({"BUNIT": "uJy"}, 1000.0),
+    ({"BUNIT": "MJy/sr", "PIXAR_SR": 2.25e-14}, 22.5),  # JWST/HST drizzled images
+    ({"BUNIT": "MJy/sr", "PIXAR_SR": 2.25e-14, "MAGZERO": 28.0}, 10 ** (0.4 * (31.4 - 28.0))),
+    ({"BUNIT": "ADU"}, None),
+    ({"BUNIT": "electrons/s"}, None),
+    ({"BUNIT": "not a unit"}, None),
+])
+def test_zero_point_from_flux_units(cards, njy_per_value, sky_image, tmp_path, write_plain):
+    exp = _read(write_plain(tmp_path / "p.fits", sky_image, cards))
+    if njy_per_value is None:
+        assert exp.photo_calib is None
+    else:
+        assert exp.photo_calib.calibration_mean == pytest.approx(njy_per_value, rel=1e-3)
+
+
+def test_surface_brightness_units_need_the_pixel_solid_angle(sky_image, tmp_path, write_plain):
+    path = write_plain(tmp_path / "p.fits", sky_image, {"BUNIT": "MJy/sr"})
+    with pytest.raises(InputError, match=r"p\.fits: BUNIT='MJy/sr' is per steradian but "
+                                         "PIXAR_SR"):
+        _read(path)
+
+
 def test_magzero_takes_precedence_over_photzp(sky_image, tmp_path, write_plain):
     exp = _read(write_plain(tmp_path / "p.fits", sky_image, {"PHOTZP": 25.0, "MAGZERO": 31.0}))
     assert exp.photo_calib.zero_point == pytest.approx(31.0, abs=1e-10)
@@ -344,6 +368,8 @@ def test_real_jwst_images(path):
     assert exp.shape == data.shape == (900, 900)
     assert exp.wcs is not None and exp.wcs.has_celestial
     assert exp.visit_info.band == "f200w"
+    # MJy/sr with the pixel's solid angle: nJy per pixel value = 1e15 PIXAR_SR.
+    assert exp.photo_calib.calibration_mean == pytest.approx(1e15 * header["PIXAR_SR"])
     assert exp.visit_info.exposure_time == header["EXPTIME"]
     bad = ~np.isfinite(data)
     assert np.array_equal(exp.mask.is_set("NO_DATA"), bad)
