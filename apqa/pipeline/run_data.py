@@ -9,6 +9,7 @@ Folder manifest (the simulator's ``apqa simulate`` output is one)::
     {"dataset": "my-field",
      "refcat": "refcat.parquet",                      # optional, Gaia DR3 column names
      "magzero": 30.0,                                 # optional, for images without MAGZERO
+     "band": "K",                                     # optional, for filters like F200W
      "exposures": [                                   # one entry per visit-detector
        {"visit": 1, "detector": 1, "is_template": true, "raw": "ref.fits"},
        {"visit": 2, "detector": 1, "is_template": false, "mjd": 60000.1, "raw": "new.fits",
@@ -18,8 +19,8 @@ Folder manifest (the simulator's ``apqa simulate`` output is one)::
 
 Paths are relative to the folder. ``raw`` is an apqa raw exposure (then ``bias`` is needed) or a
 reduced plain FITS image (header WCS, GAIN, RDNOISE, SATURATE, MAGZERO, EXPTIME, FILTER,
-MJD-OBS). The manifest's ``visit``, ``detector``, ``mjd`` and ``magzero`` (per entry, or one for
-the dataset) replace what the files' headers say.
+MJD-OBS). The manifest's ``visit``, ``detector``, ``mjd``, ``band`` and ``magzero`` (the last two
+per entry or for the dataset) replace what the files' headers say.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from apqa.datamodel import Exposure, Mask, PhotoCalib
 from apqa.errors import InputError
 from apqa.log import get_logger
 from apqa.sim.config import SimulationConfig
-from apqa.sim.survey import SurveySimulator, load_manifest
+from apqa.sim.survey import MANIFEST_NAME, SurveySimulator, load_manifest
 
 log = get_logger(__name__)
 
@@ -153,9 +154,10 @@ class DatasetSource:
         if entry is None:
             raise InputError(f"{root}/manifest.json: no exposure for visit {visit} detector "
                              f"{detector}")
+        manifest = _manifest(self.path)
         raw = _as_listed(Exposure.from_fits(root / entry["raw"]), entry,
-                         f"{root}/manifest.json",
-                         entry.get("magzero", _manifest(self.path).get("magzero")))
+                         f"{root}/manifest.json", entry.get("magzero", manifest.get("magzero")),
+                         manifest.get("band"))
         bias = Exposure.from_fits(root / entry["bias"], require_wcs=False) \
             if entry.get("bias") else None
         flat = Exposure.from_fits(root / entry["flat"], require_wcs=False) \
@@ -170,11 +172,12 @@ class DatasetSource:
         return UnitInputs(raw, bias, flat, defects, truth)
 
 
-def _as_listed(exposure: Exposure, entry: dict, manifest: str,
-               magzero: float | None = None) -> Exposure:
-    """The exposure with the manifest's visit, detector and (when given) mjd and zero point:
-    the run plans, associates and names its outputs by those, whatever the file's header says
-    (plain FITS often carry no visit number, the camera's CCD number, no MAGZERO)."""
+def _as_listed(exposure: Exposure, entry: dict, manifest: str, magzero: float | None = None,
+               dataset_band: str | None = None) -> Exposure:
+    """The exposure with the manifest's visit, detector and (when given) mjd, band and zero
+    point: the run plans, associates and names its outputs by those, whatever the file's
+    header says (plain FITS often carry no visit number, the camera's CCD number, no MAGZERO,
+    a filter name longer than the APDB's band)."""
     info = exposure.visit_info
     if info is None:
         return exposure
@@ -182,8 +185,15 @@ def _as_listed(exposure: Exposure, entry: dict, manifest: str,
     if np.isfinite(info.mjd) and abs(info.mjd - mjd) * 86400.0 > 1.0:
         log.warning("%s: visit %s detector %s: mjd %.6f replaces the header's %.6f",
                     manifest, entry["visit"], entry["detector"], mjd, info.mjd)
+    band = str(entry.get("band", dataset_band or info.band))
+    if len(band) != 1:
+        raise InputError(f"{manifest}: visit {entry['visit']} detector {entry['detector']}: "
+                         f"band {band!r} (from FILTER {info.physical_filter!r}) does not fit "
+                         "the APDB's one-character band column; give \"band\" (e.g. \"K\") "
+                         "in the manifest entry or for the dataset")
     exposure = replace(exposure, visit_info=replace(info, visit=int(entry["visit"]),
-                                                    detector=int(entry["detector"]), mjd=mjd))
+                                                    detector=int(entry["detector"]), mjd=mjd,
+                                                    band=band))
     if magzero is not None:
         try:
             exposure.photo_calib = PhotoCalib.from_zero_point(float(magzero))
@@ -204,8 +214,19 @@ def _simulator_from_json(config: str) -> SurveySimulator:
     return SurveySimulator(SimulationConfig.model_validate_json(config))
 
 
-@cache
 def _manifest(path: str) -> dict:
+    """The folder's manifest, read once per version of the file (a process that runs again
+    after the manifest was edited sees the edit)."""
+    file = Path(path) / MANIFEST_NAME if Path(path).is_dir() else Path(path)
+    try:
+        stat = file.stat()
+    except OSError:
+        return load_manifest(path)  # the error that names the missing file
+    return _manifest_version(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _manifest_version(path: str, mtime_ns: int, size: int) -> dict:
     return load_manifest(path)
 
 

@@ -31,6 +31,7 @@ from apqa.errors import ConfigError, StageError
 from apqa.injection.catalog import CatalogConfig, generate_catalog
 from apqa.injection.draw import inject
 from apqa.injection.match import MatchConfig, match_fakes, merge_injected
+from apqa.log import get_logger
 from apqa.pipeline.alerts import AlertConfig
 from apqa.pipeline.associate import AssociationConfig
 from apqa.pipeline.isr import run_isr
@@ -51,6 +52,8 @@ from apqa.pipeline.single_visit import (
     SingleVisitResult,
     process_after_isr,
 )
+
+log = get_logger(__name__)
 
 #: ``--fake-kinds`` names and the injection fake classes they draw.
 FAKE_KINDS = {"point": "isolated", "hosted": "hosted", "variable": "variable",
@@ -212,11 +215,19 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
     start = time.perf_counter()
     catalog = generate_catalog(calexp, config.catalog_config(calexp.shape), hosts=sci_sources,
                                seed=unit_seed(seed, visit, detector))
+    # Images without a gain (drizzled, already in flux units) get their fakes without the
+    # fakes' own Poisson noise: near the detection limit the sky's noise dominates anyway.
+    noise = {name: _has_gain(exp) for name, exp in (("science", calexp),
+                                                     ("template", template_exp))}
+    for name in [n for n, known in noise.items() if not known]:
+        log.warning("visit %d detector %d: the %s has no gain (GAIN): fakes drawn without "
+                    "their Poisson noise", visit, detector, name)
     science, drawn = inject(calexp, catalog, seed=seed, visit=visit, detector=detector,
-                            target="science")
+                            target="science", noise=noise["science"])
     del calexp
     template_exp, drawn_tmpl = inject(template_exp, catalog, seed=seed, visit=visit,
-                                      detector=detector, target="template")
+                                      detector=detector, target="template",
+                                      noise=noise["template"])
     injected = merge_injected(drawn, drawn_tmpl)
     timings["inject"] = time.perf_counter() - start
 
@@ -259,6 +270,11 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
                                                          "diaSources.parquet",
                                                          "matched.parquet"])},
     }
+
+
+def _has_gain(exposure: Exposure) -> bool:
+    gain = exposure.detector_info.gain if exposure.detector_info is not None else float("nan")
+    return bool(np.isfinite(gain) and gain > 0)
 
 
 def _pixel_scale(exposure: Exposure) -> float:

@@ -172,3 +172,36 @@ def test_user_dataset_of_real_decam_images(tmp_path):
         dia = pd.read_parquet(out / f"units/v{visit}_d01/diaSources.parquet")
         assert set(dia["visit"]) <= {visit} and set(dia["detector"]) <= {1}
     assert (out / "alerts" / "alerts_41_1.avro").is_file()
+
+
+@pytest.mark.real_data
+def test_user_dataset_of_real_jwst_images(tmp_path):
+    """Drizzled NIRCam stamps: MJy/sr (calibrated from BUNIT and PIXAR_SR), no GAIN (fakes
+    without their own Poisson noise), filter F200W (too long for the APDB's band: the
+    manifest names one, and without it the error says so)."""
+    from tests.real_data import require_real_data
+
+    nircam = require_real_data("jwst-nircam")
+    folder = tmp_path / "nircam"
+    folder.mkdir()
+    names = sorted(p.name for p in nircam.glob("*.fits"))  # jw01324 (earlier), jw02561
+    for name in names:
+        shutil.copy(nircam / name, folder)
+    manifest = {"dataset": "nircam", "exposures": [
+        {"visit": 1, "detector": 1, "is_template": True, "raw": names[0]},
+        {"visit": 2, "detector": 1, "is_template": False, "mjd": 59885.58, "raw": names[1]}]}
+    args = ["inject-and-run", "--dataset", str(folder), "--db", str(tmp_path / "m.db"),
+            "--scheduler", "process", "--json"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["failed"][0]["error"]
+    assert "band 'f200w' (from FILTER 'F200W') does not fit" in error and '"band"' in error
+
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "band": "K"}))
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    unit = json.loads((tmp_path / "b/units/v2_d01/unit.json").read_text())
+    assert unit["status"] == "done"
+    assert unit["n_fakes"] == round(200 * 900 * 900 / (2048 * 4096))
+    assert unit["n_fakes_drawn"] == unit["n_fakes"]
