@@ -50,16 +50,27 @@ def _versions() -> dict[str, str]:
             "galsim": galsim.__version__, "pandas": pandas.__version__, "sep": sep.__version__}
 
 
-def _calibrated(exposure, path: Path, zero_point: float | None):
-    """The exposure with a photometric calibration: its own, or one from ``zero_point``."""
+def _calibrated(exposure, path: Path, zero_point: float | None, band: str | None = None):
+    """The exposure with a photometric calibration (its own, or one from ``zero_point``) and
+    an APDB band (its own, or ``band``)."""
+    from dataclasses import replace
+
     from apqa.datamodel import PhotoCalib
 
     if zero_point is not None:
         exposure.photo_calib = PhotoCalib.from_zero_point(zero_point)
     if exposure.photo_calib is None:
-        raise InputError(f"{path}: no photometric calibration (header MAGZERO or PHOTZP, or an "
-                         "apqa exposure); DIASource fluxes are in nJy, so pass --zero-point "
-                         "(and --template-zero-point if it differs)")
+        raise InputError(f"{path}: no photometric calibration (header MAGZERO or PHOTZP, BUNIT "
+                         "in flux units, or an apqa exposure); DIASource fluxes are in nJy, so "
+                         "pass --zero-point (and --template-zero-point if it differs)")
+    info = exposure.visit_info
+    if info is not None:
+        if band is not None:
+            exposure.visit_info = info = replace(info, band=band)
+        if len(info.band) != 1:
+            raise InputError(f"{path}: band {info.band!r} (from FILTER "
+                             f"{info.physical_filter!r}) does not fit the APDB's one-character "
+                             "band column; pass --band (e.g. --band K)")
     return exposure
 
 
@@ -77,6 +88,9 @@ def run(
     = None,
     template_zero_point: Annotated[float | None, typer.Option(
         help="The same for the template (default: --zero-point).")] = None,
+    band: Annotated[str | None, typer.Option(
+        help="APDB band (one character) for filters with longer names, e.g. JWST's F200W.")]
+    = None,
     apdb: Annotated[str | None, typer.Option(
         help="APDB URL (SQLite file or postgresql://...); default DIR/apdb.sqlite.")] = None,
     kafka_bootstrap: Annotated[str | None, typer.Option(
@@ -98,10 +112,10 @@ def run(
         cfg = cfg.model_copy(update={"diff": cfg.diff.model_copy(update={"algorithm": algorithm})})
         start = time.perf_counter()
         with all_cores(), console.status("reading") as status:
-            sci = _calibrated(Exposure.from_fits(science), science, zero_point)
+            sci = _calibrated(Exposure.from_fits(science), science, zero_point, band)
             tmp = _calibrated(Exposure.from_fits(template), template,
                               template_zero_point if template_zero_point is not None
-                              else zero_point)
+                              else zero_point, band)
             result = run_pair(sci, tmp, cfg, on_stage=lambda s: status.update(f"[bold]{s}"))
             status.update("[bold]association and alerts")
             out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,26 @@ def test_run_on_real_decam_pair(tmp_path):
     assert info["quality"]["sky_source_pull_std"] == pytest.approx(1.0, abs=0.2)
 
 
+@pytest.mark.real_data
+def test_run_on_real_jwst_stamps_needs_a_one_letter_band(tmp_path):
+    nircam = require_real_data("jwst-nircam")
+    science, template = (str(nircam / n) for n in (
+        "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp.fits",
+        "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp.fits"))
+    args = ["run", "--science", science, "--template", template, "--out", str(tmp_path / "o")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "band 'f200w' (from FILTER 'F200W') does not fit" in result.output
+    assert "--band" in result.output and not (tmp_path / "o").exists()
+    # MJy/sr with PIXAR_SR: calibrated without --zero-point.
+    result = runner.invoke(app, [*args, "--band", "K"])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    dia = pd.read_parquet(tmp_path / "o" / "diaSources.parquet")
+    assert len(dia) > 0 and set(dia["band"]) == {"K"}
+
+
 def test_run_bad_inputs(pair_files, tmp_path):
     sci, tpl, _ = pair_files
     missing = tmp_path / "nope.fits"
