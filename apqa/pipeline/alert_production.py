@@ -74,12 +74,15 @@ def produce_alerts(apdb: Apdb, dia_sources: pd.DataFrame, difference: Exposure,
     visit, detector, mjd = info.visit, info.detector, info.mjd
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    objects, history = apdb.read_region(
+    objects = apdb.read_objects(
         footprint_cone(difference, config.footprint_margin_arcsec), before_mjd=mjd)
     timings["apdb_read"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = associate(dia_sources, objects, config.association, history=history)
+    # Earlier sources only of the objects this visit updates (summaries and alerts need no
+    # others); their read counts as association time.
+    result = associate(dia_sources, objects, config.association,
+                       history=lambda ids: apdb.read_sources(ids, before_mjd=mjd))
     timings["associate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -94,7 +97,8 @@ def produce_alerts(apdb: Apdb, dia_sources: pd.DataFrame, difference: Exposure,
     ids = result.dia_objects["diaObjectId"].to_numpy()
     forced_history = apdb.read_forced_sources(ids, before_mjd=mjd) if len(ids) else None
     batch = build_alerts(result.dia_sources, result.dia_objects, difference, science, template,
-                         history=history, forced_history=forced_history, config=config.alerts)
+                         history=result.history, forced_history=forced_history,
+                         config=config.alerts)
     stats = AlertWriter(alert_dir, kafka_bootstrap, topic).write(visit, detector, batch)
     timings["alerts"] = time.perf_counter() - start
     return AlertProductionResult(result.dia_sources, dict(result.counts), len(forced), stats,

@@ -220,6 +220,13 @@ class Apdb:
         dia_objects, dia_sources
             Tables conforming to apdb.yaml's DiaObject and DiaSource.
         """
+        objects = self.read_objects(cones, before_mjd)
+        return objects, self.read_sources(objects["diaObjectId"], before_mjd)
+
+    def read_objects(self, cones: Cone | Sequence[Cone], before_mjd: float | None = None
+                     ) -> pd.DataFrame:
+        """The DiaObjects of :meth:`read_region` without their DiaSources (read those with
+        :meth:`read_sources` for the objects that need them, e.g. those a visit updates)."""
         if not len(cones):
             raise InputError("read_region: no cones given")
         if np.ndim(cones[0]) == 0:
@@ -239,15 +246,20 @@ class Apdb:
                                    obj.c.validityEndMjdTai >= before_mjd))
         with self._guard("region read"), self._engine.connect() as conn:
             objects = self._frame(conn, sa.select(obj).where(where, valid), "DiaObject")
-            inside = np.zeros(len(objects), bool)
-            for ra, dec, radius in cones:
-                inside |= angular_separation(objects["ra"].to_numpy(float),
-                                             objects["dec"].to_numpy(float), ra, dec) <= radius
-            objects = objects[inside].reset_index(drop=True)
-            if before_mjd is not None:  # as they were then: not yet superseded
-                objects["validityEndMjdTai"] = np.nan
-            sources = self._by_object(conn, "DiaSource", objects["diaObjectId"], before_mjd)
-        return objects, sources
+        inside = np.zeros(len(objects), bool)
+        for ra, dec, radius in cones:
+            inside |= angular_separation(objects["ra"].to_numpy(float),
+                                         objects["dec"].to_numpy(float), ra, dec) <= radius
+        objects = objects[inside].reset_index(drop=True)
+        if before_mjd is not None:  # as they were then: not yet superseded
+            objects["validityEndMjdTai"] = np.nan
+        return objects
+
+    def read_sources(self, dia_object_ids: Sequence[int] | pd.Series,
+                     before_mjd: float | None = None) -> pd.DataFrame:
+        """DiaSources of the given DiaObjects (observed before ``before_mjd`` if given)."""
+        with self._guard("source read"), self._engine.connect() as conn:
+            return self._by_object(conn, "DiaSource", pd.Series(dia_object_ids), before_mjd)
 
     def _by_object(self, conn: sa.Connection, name: str, ids: pd.Series,
                    before_mjd: float | None) -> pd.DataFrame:

@@ -26,6 +26,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,12 +80,15 @@ class AssociationResult:
         (unmatched and rejected by the new-object filters).
     input_objects
         The ``dia_objects`` given to :func:`associate` (see :attr:`footprint_objects`).
+    history
+        The earlier DiaSources of the objects this visit updated (what their alerts carry).
     """
 
     dia_sources: pd.DataFrame
     dia_objects: pd.DataFrame
     counts: dict[str, float] = field(default_factory=dict)
     input_objects: pd.DataFrame | None = field(default=None, repr=False)
+    history: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def footprint_objects(self) -> pd.DataFrame:
@@ -197,7 +201,8 @@ def _check_objects(objects: pd.DataFrame) -> None:
 
 def associate(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame,
               config: AssociationConfig | None = None, *,
-              history: pd.DataFrame | None) -> AssociationResult:
+              history: pd.DataFrame | Callable[[np.ndarray], pd.DataFrame] | None
+              ) -> AssociationResult:
     """Associate one visit-detector's DiaSources with the DiaObjects of its footprint.
 
     Parameters
@@ -211,8 +216,11 @@ def associate(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame,
     history
         Earlier DiaSources of ``dia_objects`` (the second table :meth:`Apdb.read_region`
         returns), from which updated objects' summaries are recomputed (Rubin recomputes from
-        the DiaSources it loads, too). Required, so that nobody forgets it: None states that
-        there are none, and then only the new sources enter the summaries.
+        the DiaSources it loads, too); or a function that reads them for the given object ids,
+        called once with the objects this visit updates (``Apdb.read_sources``: a footprint's
+        history is mostly of objects a visit does not touch). Required, so that nobody
+        forgets it: None states that there are none, and then only the new sources enter the
+        summaries. :attr:`AssociationResult.history` holds the updated objects' part.
 
     Returns
     -------
@@ -242,6 +250,10 @@ def associate(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame,
     src.loc[dia_object_id < 0, "diaObjectId"] = pd.NA
 
     updated_ids = np.unique(object_ids[match[matched]])
+    if callable(history):
+        history = history(updated_ids)
+    if history is not None and len(history):
+        history = history[history["diaObjectId"].isin(updated_ids)].reset_index(drop=True)
     new_objects = _summaries(src, objects, history, config)
     n_in = len(objects)
     counts = {
@@ -254,7 +266,7 @@ def associate(dia_sources: pd.DataFrame, dia_objects: pd.DataFrame,
         "numSsSources": int(is_ss.sum()),
         "numFilteredDiaSources": int(unmatched.size - creates.size),
     }
-    return AssociationResult(src, new_objects, counts, objects)
+    return AssociationResult(src, new_objects, counts, objects, history)
 
 
 def _summaries(src: pd.DataFrame, objects: pd.DataFrame, history: pd.DataFrame | None,

@@ -110,18 +110,17 @@ class RunAssociator:
         difference = Exposure.from_fits(folder / "difference.fits", lazy=True)
         science = Exposure.from_fits(folder / "science.fits", lazy=True)
         template = Exposure.from_fits(folder / "template.fits", lazy=True)
-        objects, history = apdb.read_region(footprint_cone(difference), before_mjd=rec["mjd"])
-        result = associate(dia, objects, config.association, history=history)
-        updated = set(result.dia_objects["diaObjectId"].tolist())
-        footprint = pd.concat([result.dia_objects,
-                               objects[~objects["diaObjectId"].isin(updated)]],
-                              ignore_index=True)
-        forced = forced_photometry(footprint, difference, science, visit, det)
+        objects = apdb.read_objects(footprint_cone(difference), before_mjd=rec["mjd"])
+        # Earlier sources only of the objects this visit updates: they alone enter the
+        # summaries and the alerts.
+        result = associate(dia, objects, config.association,
+                           history=lambda ids: apdb.read_sources(ids, before_mjd=rec["mjd"]))
+        forced = forced_photometry(result.footprint_objects, difference, science, visit, det)
         forced_history = apdb.read_forced_sources(result.dia_objects["diaObjectId"],
                                                   before_mjd=rec["mjd"])
         apdb.store_visit(visit, det, result.dia_sources, result.dia_objects, forced)
         batch = build_alerts(result.dia_sources, result.dia_objects, difference, science,
-                             template, history=history, forced_history=forced_history,
+                             template, history=result.history, forced_history=forced_history,
                              config=config.alerts)
         stats = self.writer.write(visit, det, batch)
         totals.n_alerts += stats.n_alerts

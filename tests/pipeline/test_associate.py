@@ -201,6 +201,28 @@ def test_summaries_per_band_from_history():
     assert row["firstDiaSourceMjdTai"] == 60000.0 and row["lastDiaSourceMjdTai"] == 60004.0
 
 
+def test_history_read_only_for_the_objects_a_visit_updates():
+    # Two objects, one of them hit: a reader function is asked once, for that one only, and
+    # the result is the one the whole history gives.
+    obj = objects([0.0, 30.0])
+    hist = pd.concat([sources([0.0], 0.0, visit=3, mjd=60000.0, flux=900.0),
+                      sources([30.0], 0.0, visit=3, mjd=60000.0, flux=700.0, first_id=7)],
+                     ignore_index=True)
+    hist["diaObjectId"] = [1000, 1001]
+    new = sources([0.02], 0.0, visit=6, mjd=60004.0)
+    asked = []
+
+    def read(ids):
+        asked.append(list(ids))
+        return hist[hist["diaObjectId"].isin(ids)]
+
+    lazy = associate(new, obj, history=read)
+    whole = associate(new, obj, history=hist)
+    assert asked == [[1000]]
+    pd.testing.assert_frame_equal(lazy.dia_objects, whole.dia_objects)
+    assert lazy.history["diaObjectId"].tolist() == whole.history["diaObjectId"].tolist() == [1000]
+
+
 def test_many_sources_match_their_true_objects():
     rng = np.random.default_rng(3)
     n_obj = 20_000
