@@ -22,6 +22,7 @@ from scipy.ndimage import binary_dilation, label
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, MoffatPsf
+from apqa.datamodel.psf import Psf
 from apqa.errors import StageError
 from apqa.log import get_logger
 from apqa.pipeline.cosmic_rays import (
@@ -235,6 +236,36 @@ def find_bright_sources(exposure: Exposure, config: PrepareConfig | None = None
     return sources
 
 
+def _psf_model(image: np.ndarray, variance: np.ndarray, sources: pd.DataFrame,
+               segmap: np.ndarray, fwhm: float, config: PrepareConfig
+               ) -> tuple[Psf, pd.Index, float, bool]:
+    """PSF model fitted on the bright isolated point sources: (psf, index of the sources it
+    used, residual chi^2, whether it is the Moffat fallback)."""
+    candidates = select_psf_candidates(sources, fwhm, config.psf)
+    if len(candidates) < 2 * config.psf.min_stars:
+        relaxed = config.psf.model_copy(update={
+            "min_snr": min(config.psf.min_snr, 15.0),
+            "isolation_fwhm": min(config.psf.isolation_fwhm, 2.0)})
+        candidates = select_psf_candidates(sources, fwhm, relaxed)
+    # fit_psf ignores pixels of footprints other than the star's own, which it expects to be
+    # labelled (catalog index + 1); every other footprint gets one label no star has.
+    relabel = np.full(int(segmap.max()) + 1, len(sources) + 1, np.int64)
+    relabel[0] = 0
+    relabel[sources.loc[candidates.index, "label"].to_numpy()] = candidates.index + 1
+    labels = _BinnedLabels(relabel[segmap], config.binning)
+    fit = fit_psf(image, variance, candidates, fwhm, image.shape, config.psf, labels=labels)
+    used = fit.stars.index[fit.stars["psf_used"]]
+    if np.isfinite(fit.psf.fwhm):
+        return fit.psf, used, fit.residual_chi2, False
+    # No shape to measure: the few "stars" were noise-dominated or galaxies (a deep
+    # extragalactic field). A Moffat of the sources' size keeps differencing going; the
+    # warning and the quality flag say that its PSFs are a guess.
+    log.warning("PSF model from %d sources has no measurable shape (too few point sources?): "
+                "using a Moffat of FWHM %.2f px from the sources' sizes", len(used), fwhm)
+    height, width = image.shape
+    return MoffatPsf(width, height, [fwhm]), used, fit.residual_chi2, True
+
+
 def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = None,
                            overwrite_input: bool = False) -> PreparedImage:
     """Background-subtracted copy of ``exposure`` with masks, PSF model and bright sources.
@@ -306,30 +337,8 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     grown = binary_dilation(segmap > 0, iterations=1)
     mask.set("DETECTED", upsample(grown, config.binning, image.shape))
 
-    candidates = select_psf_candidates(sources, fwhm, config.psf)
-    if len(candidates) < 2 * config.psf.min_stars:
-        relaxed = config.psf.model_copy(update={
-            "min_snr": min(config.psf.min_snr, 15.0),
-            "isolation_fwhm": min(config.psf.isolation_fwhm, 2.0)})
-        candidates = select_psf_candidates(sources, fwhm, relaxed)
-    # fit_psf ignores pixels of footprints other than the star's own, which it expects to be
-    # labelled (catalog index + 1); every other footprint gets one label no star has.
-    relabel = np.full(int(segmap.max()) + 1, len(sources) + 1, np.int64)
-    relabel[0] = 0
-    relabel[sources.loc[candidates.index, "label"].to_numpy()] = candidates.index + 1
-    labels = _BinnedLabels(relabel[segmap], config.binning)
-    fit = fit_psf(image, variance, candidates, fwhm, image.shape, config.psf, labels=labels)
-    psf, psf_fallback = fit.psf, False
-    used = fit.stars.index[fit.stars["psf_used"]]
-    if not np.isfinite(psf.fwhm):
-        # No shape to measure: the few "stars" were noise-dominated or galaxies (a deep
-        # extragalactic field). A Moffat of the sources' size keeps differencing going; the
-        # warning and the quality flag say that its PSFs are a guess.
-        log.warning("PSF model from %d sources has no measurable shape (too few point "
-                    "sources?): using a Moffat of FWHM %.2f px from the sources' sizes",
-                    len(used), fwhm)
-        height, width = image.shape
-        psf, psf_fallback = MoffatPsf(width, height, [fwhm]), True
+    psf, used, residual_chi2, psf_fallback = _psf_model(image, variance, sources, segmap, fwhm,
+                                                        config)
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
     star_flux, _, _, _ = psf_flux(image, variance, usable, psf,
                                   sources.loc[used, "x"], sources.loc[used, "y"])
@@ -348,7 +357,7 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     quality = {
         "psf_fwhm_px": float(psf.fwhm),
         "psf_fallback": float(psf_fallback),
-        "psf_residual_chi2": fit.residual_chi2,
+        "psf_residual_chi2": residual_chi2,
         "n_psf_stars": float(len(used)),
         "n_sources": float(len(sources)),
         "background_rms": float(bkg.globalrms),
