@@ -22,6 +22,9 @@ EPILOG = prose("""Examples:
   apqa diff --science new.fits --template ref.fits --out diff.fits --algorithm zogy
   --score score.fits
 
+  apqa diff --science new.fits --template ref.fits --out diff.fits --algorithm zogy
+  --science-psf stpsf_new.fits --template-psf stpsf_ref.fits
+
 Inputs are plain single-HDU FITS images (header WCS, GAIN, RDNOISE, SATURATE, MAGZERO,
 EXPTIME, FILTER, MJD-OBS; without GAIN/RDNOISE the noise is measured from the pixels) or apqa
 exposures. Background, PSFs and the kernel are estimated here; the template is warped onto the
@@ -39,6 +42,11 @@ def diff(
     score: Annotated[Path | None, typer.Option(help="ZOGY score image S_corr to write.")]
     = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
+    science_psf: Annotated[Path | None, typer.Option(
+        help="PSF image (FITS: odd square, centred, detector sampling; STPSF's DET_SAMP) to "
+             "use for the science instead of fitting one.")] = None,
+    template_psf: Annotated[Path | None, typer.Option(
+        help="The same for the template.")] = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
     from apqa.datamodel import Exposure
@@ -57,9 +65,11 @@ def diff(
             readers.submit(_import_warp_if_needed, *reading)
 
             cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
+            psfs = _psf_files(science_psf, template_psf)
             with all_cores(), console.status(
                     "[bold]reading and characterizing science and template") as status:
-                sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg)
+                sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg,
+                                                     psfs)
                 status.update(f"[bold]subtracting ({algorithm})")
                 result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources,
                                                with_score=score is not None)
@@ -89,3 +99,13 @@ def _import_warp_if_needed(science: Future, template: Future) -> None:
             import scipy.interpolate  # noqa: F401
     except ApqaError:
         pass  # a warm-up only: the subtraction reports what is wrong with the inputs
+
+
+def _psf_files(science_psf: Path | None, template_psf: Path | None) -> tuple:
+    """The PSF models read from ``--science-psf`` / ``--template-psf`` (None where not given).
+    A model given for the template only applies to a template on the science's grid: a warped
+    template gets its PSF through the warp, from the one given."""
+    from apqa.datamodel.psf_file import read_psf_image
+
+    return tuple(None if path is None else read_psf_image(path)
+                 for path in (science_psf, template_psf))

@@ -91,6 +91,11 @@ def run(
     band: Annotated[str | None, typer.Option(
         help="APDB band (one character) for filters with longer names, e.g. JWST's F200W.")]
     = None,
+    science_psf: Annotated[Path | None, typer.Option(
+        help="PSF image (FITS: odd square, centred, detector sampling; STPSF's DET_SAMP) to "
+             "use for the science instead of fitting one.")] = None,
+    template_psf: Annotated[Path | None, typer.Option(
+        help="The same for the template.")] = None,
     apdb: Annotated[str | None, typer.Option(
         help="APDB URL (SQLite file or postgresql://...); default DIR/apdb.sqlite.")] = None,
     kafka_bootstrap: Annotated[str | None, typer.Option(
@@ -100,6 +105,7 @@ def run(
 ) -> None:
     """Difference, detect and measure: the DIASource table of a science/template pair."""
     from apqa.datamodel import Exposure
+    from apqa.datamodel.psf_file import read_psf_image
     from apqa.pipeline.alert_production import produce_alerts
     from apqa.pipeline.apdb import Apdb
     from apqa.pipeline.runner import RunConfig, run_pair
@@ -116,7 +122,10 @@ def run(
             tmp = _calibrated(Exposure.from_fits(template), template,
                               template_zero_point if template_zero_point is not None
                               else zero_point, band)
-            result = run_pair(sci, tmp, cfg, on_stage=lambda s: status.update(f"[bold]{s}"))
+            psfs = tuple(None if path is None else read_psf_image(path)
+                         for path in (science_psf, template_psf))
+            result = run_pair(sci, tmp, cfg, on_stage=lambda s: status.update(f"[bold]{s}"),
+                              psfs=psfs)
             status.update("[bold]association and alerts")
             out.mkdir(parents=True, exist_ok=True)
             with Apdb.create(apdb or out / "apdb.sqlite") as database:

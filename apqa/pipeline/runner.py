@@ -20,6 +20,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
+from apqa.datamodel.psf import Psf
 from apqa.pipeline.alert_production import AlertProductionConfig
 from apqa.pipeline.detect import DiaDetectionConfig, detect_dia_sources
 from apqa.pipeline.diffim.al import DiffimResult
@@ -69,7 +70,8 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run_pair(science: Exposure, template: Exposure, config: RunConfig | None = None,
-             on_stage: Callable[[str], None] | None = None) -> PairResult:
+             on_stage: Callable[[str], None] | None = None,
+             psfs: tuple[Psf | None, Psf | None] = (None, None)) -> PairResult:
     """Difference a science exposure against a template and measure its DIASources.
 
     Parameters
@@ -82,6 +84,9 @@ def run_pair(science: Exposure, template: Exposure, config: RunConfig | None = N
         :class:`RunConfig`.
     on_stage
         Called with each stage's name as it starts (progress display).
+    psfs
+        PSF models for the science and the template that replace their own (None: fitted or
+        stored), e.g. read with :func:`~apqa.datamodel.psf_file.read_psf_image`.
 
     Returns
     -------
@@ -94,7 +99,7 @@ def run_pair(science: Exposure, template: Exposure, config: RunConfig | None = N
     timings: dict[str, float] = {}
     notify("prepare")
     with _timed(timings, "prepare"):
-        science, template, sources = prepare_pair(science, template, config.diff)
+        science, template, sources = prepare_pair(science, template, config.diff, psfs)
     notify("difference")
     with _timed(timings, "difference"):
         diffim, score = subtract(science, template, config.diff, science_sources=sources)

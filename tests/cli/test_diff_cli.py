@@ -63,6 +63,50 @@ def test_plain_fits_pair_with_a_nan_region(pair, tmp_path):
     assert quality["template_coverage"] == 1.0
 
 
+def _write_psf(image: np.ndarray, path: Path, extension: str | None = None) -> Path:
+    """A PSF file; with ``extension``, as STPSF writes them: an oversampled PSF first (here a
+    broad decoy) and the detector-sampled one in that extension."""
+    if extension is None:
+        fits.PrimaryHDU(image.astype(np.float64)).writeto(path)
+    else:
+        decoy = np.ones((3 * image.shape[0], 3 * image.shape[1]))
+        fits.HDUList([fits.PrimaryHDU(decoy),
+                      fits.ImageHDU(image.astype(np.float64), name=extension)]).writeto(path)
+    return path
+
+
+def test_psf_files_replace_the_fitted_models(pair, tmp_path):
+    from apqa.datamodel.psf import measure_fwhm
+
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    tpl = _write(pair.template, tmp_path / "tpl.fits")
+    centre = (255.5, 255.5)
+    # Unnormalized on purpose: the reader normalizes.
+    sci_psf = _write_psf(3.0 * pair.science.psf.image_at(*centre), tmp_path / "sci_psf.fits",
+                         extension="DET_SAMP")
+    tpl_psf = _write_psf(pair.template.psf.image_at(*centre), tmp_path / "tpl_psf.fits")
+    result = _diff(sci, tpl, tmp_path / "d.fits", "--algorithm", "zogy", "--science-psf",
+                   str(sci_psf), "--template-psf", str(tpl_psf))
+    assert result.exit_code == 0, result.output
+    quality = json.loads((tmp_path / "d.fits.json").read_text())
+    assert quality["fwhm_science"] == pytest.approx(
+        measure_fwhm(pair.science.psf.image_at(*centre)), rel=1e-4)
+    assert quality["fwhm_template"] == pytest.approx(
+        measure_fwhm(pair.template.psf.image_at(*centre)), rel=1e-4)
+    assert quality["noise_ratio_final"] == pytest.approx(1.0, abs=0.02)
+
+    bad = tmp_path / "even.fits"
+    fits.PrimaryHDU(np.ones((20, 20))).writeto(bad)
+    result = _diff(sci, tpl, tmp_path / "e.fits", "--science-psf", str(bad))
+    assert result.exit_code == 2
+    assert "even.fits: PSF image is 20x20; expected an odd-sized square" in result.output
+    nan = tmp_path / "nan.fits"
+    fits.PrimaryHDU(np.full((21, 21), np.nan)).writeto(nan)
+    result = _diff(sci, tpl, tmp_path / "e.fits", "--template-psf", str(nan))
+    assert result.exit_code == 2 and "nan.fits: PSF image has non-finite pixels" in result.output
+    assert not (tmp_path / "e.fits").exists()
+
+
 def test_mismatched_bands_warn_but_subtract(pair, tmp_path):
     sci = _write(pair.science, tmp_path / "sci.fits", band="g")
     tpl = _write(pair.template, tmp_path / "tpl.fits", band="r")

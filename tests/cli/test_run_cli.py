@@ -109,6 +109,22 @@ def test_run_on_real_jwst_stamps_needs_a_one_letter_band(tmp_path):
     assert len(dia) > 0 and set(dia["band"]) == {"K"}
 
 
+def test_run_with_psf_files(pair_files, tmp_path):
+    sci, tpl, pair = pair_files
+    paths = []
+    for name, exposure in (("sci_psf", pair.science), ("tpl_psf", pair.template)):
+        paths.append(tmp_path / f"{name}.fits")
+        fits.PrimaryHDU(exposure.psf.image_at(383.5, 383.5)).writeto(paths[-1])
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--science", str(sci), "--template", str(tpl),
+                                 "--out", str(out), "--science-psf", str(paths[0]),
+                                 "--template-psf", str(paths[1])])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["quality"]["noise_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert info["n_dia_sources"] >= 15  # of the 20 transients and the vanished source
+
+
 def test_run_bad_inputs(pair_files, tmp_path):
     sci, tpl, _ = pair_files
     missing = tmp_path / "nope.fits"

@@ -267,7 +267,8 @@ def _psf_model(image: np.ndarray, variance: np.ndarray, sources: pd.DataFrame,
 
 
 def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = None,
-                           overwrite_input: bool = False) -> PreparedImage:
+                           overwrite_input: bool = False, psf: Psf | None = None
+                           ) -> PreparedImage:
     """Background-subtracted copy of ``exposure`` with masks, PSF model and bright sources.
 
     Parameters
@@ -280,6 +281,9 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     overwrite_input
         Work in the input's image and mask planes instead of copies (when they are writeable
         native float32 and int): saves two image-sized buffers; the input is changed.
+    psf
+        A PSF model to use instead of fitting one (e.g. :func:`~apqa.datamodel.psf_file.
+        read_psf_image`); its core also bounds what counts as a cosmic ray.
 
     Returns
     -------
@@ -324,8 +328,13 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         # Stars' own cores bound what counts as too sharp: a core on broad wings is much
         # peakier than the FWHM from moments says, and must not be taken for cosmic rays.
         bright = sources[(sources["snr"] >= _CORE_SNR) & ~sources["bad_pixels"]]
+        sharpest = sharpest_star_contrast(image, bright["x"], bright["y"])
+        if psf is not None:
+            kernel = psf.image_at((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2)
+            sharpest = max(sharpest, sharpest_star_contrast(kernel, [kernel.shape[1] // 2],
+                                                            [kernel.shape[0] // 2]))
         crs = detect_cosmic_rays(image, variance, 0.0, masked, fwhm, config.cosmic_ray,
-                                 sharpest_star_contrast(image, bright["x"], bright["y"]))
+                                 sharpest)
         n_cr = int(crs.sum())
         if n_cr:
             mask.set("CR", crs)
@@ -337,8 +346,12 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     grown = binary_dilation(segmap > 0, iterations=1)
     mask.set("DETECTED", upsample(grown, config.binning, image.shape))
 
-    psf, used, residual_chi2, psf_fallback = _psf_model(image, variance, sources, segmap, fwhm,
-                                                        config)
+    if psf is None:
+        psf, used, residual_chi2, psf_fallback = _psf_model(image, variance, sources, segmap,
+                                                            fwhm, config)
+    else:  # given: its aperture correction is measured on the stars a fit would have used
+        used = select_psf_candidates(sources, fwhm, config.psf).index
+        residual_chi2, psf_fallback = float("nan"), False
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
     star_flux, _, _, _ = psf_flux(image, variance, usable, psf,
                                   sources.loc[used, "x"], sources.loc[used, "y"])

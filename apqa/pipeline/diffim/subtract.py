@@ -17,6 +17,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
+from apqa.datamodel.psf import Psf
 from apqa.errors import InputError
 from apqa.log import get_logger
 from apqa.pipeline.diffim.al import AlConfig, DiffimResult, al_subtract
@@ -38,7 +39,8 @@ class DiffConfig(ConfigModel):
 
 
 def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
-                     overwrite_input: bool = False) -> tuple[Exposure, pd.DataFrame | None]:
+                     overwrite_input: bool = False, psf: Psf | None = None
+                     ) -> tuple[Exposure, pd.DataFrame | None]:
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) or a template warped
@@ -46,6 +48,7 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
     other reduced image gets the light preparation of
     :func:`~apqa.pipeline.diffim.prepare.prepare_for_difference` (sky, saturation, cosmic
     rays, source footprints, PSF model), in the input's own planes with ``overwrite_input``.
+    A ``psf`` given replaces the image's own model (fitted or stored).
 
     Raises
     ------
@@ -55,11 +58,13 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
     config = config or DiffConfig()
     obstype = str(exposure.metadata.get("OBSTYPE", "")).lower()
     if obstype in ("calexp", "warp") and exposure.psf:  # already prepared
+        if psf is not None:
+            exposure.psf = psf
         return exposure, None
     if obstype == "raw":
         raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
                          "(it needs a bias and a flat)")
-    prepared = prepare_for_difference(exposure, config.prepare, overwrite_input)
+    prepared = prepare_for_difference(exposure, config.prepare, overwrite_input, psf)
     return prepared.exposure, prepared.sources[["x", "y", "snr"]]
 
 
@@ -81,24 +86,26 @@ def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) ->
 
 
 def prepare_pair(science: Exposure | Callable[[], Exposure],
-                 template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None
+                 template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None,
+                 psfs: tuple[Psf | None, Psf | None] = (None, None)
                  ) -> tuple[Exposure, Exposure, pd.DataFrame | None]:
     """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
     and FFT calls release the GIL), returning the science sources too.
 
     Each image may be given as a loader (e.g. ``lambda: Exposure.from_fits(path)``), which
     then runs in the image's thread, so that reading overlaps too, and the image it returns is
-    prepared in place (nobody else holds it).
+    prepared in place (nobody else holds it). ``psfs`` replace the science's and the
+    template's own PSF models where given.
     """
-    def load_and_prepare(image: Exposure | Callable[[], Exposure]
+    def load_and_prepare(image: Exposure | Callable[[], Exposure], psf: Psf | None
                          ) -> tuple[Exposure, pd.DataFrame | None]:
         if isinstance(image, Exposure):
-            return prepare_exposure(image, config)
-        return prepare_exposure(image(), config, overwrite_input=True)
+            return prepare_exposure(image, config, psf=psf)
+        return prepare_exposure(image(), config, overwrite_input=True, psf=psf)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        sci_future = pool.submit(load_and_prepare, science)
-        tpl_future = pool.submit(load_and_prepare, template)
+        sci_future = pool.submit(load_and_prepare, science, psfs[0])
+        tpl_future = pool.submit(load_and_prepare, template, psfs[1])
         (sci, sources), (tpl, _) = sci_future.result(), tpl_future.result()
     return sci, tpl, sources
 
