@@ -13,7 +13,9 @@ Folder manifest (the simulator's ``apqa simulate`` output is one)::
      "exposures": [                                   # one entry per visit-detector
        {"visit": 1, "detector": 1, "is_template": true, "raw": "ref.fits"},
        {"visit": 2, "detector": 1, "is_template": false, "mjd": 60000.1, "raw": "new.fits",
-        "bias": "bias.fits", "flat": "flat.fits", "defects": "defects.parquet"}],
+        "bias": "bias.fits", "flat": "flat.fits", "defects": "defects.parquet",
+        "psf": "new_psf.fits"}],                      # optional PSF image (apqa diff's
+                                                      # --science-psf): replaces the fit
      "truth": {"sources": "truth/sources.parquet"}}   # optional: real transients (visit,
                                                       # detector, kind, x, y)
 
@@ -33,6 +35,8 @@ import numpy as np
 import pandas as pd
 
 from apqa.datamodel import Exposure, Mask, PhotoCalib
+from apqa.datamodel.psf import Psf
+from apqa.datamodel.psf_file import read_psf_image
 from apqa.errors import InputError
 from apqa.log import get_logger
 from apqa.sim.config import SimulationConfig
@@ -54,6 +58,7 @@ class UnitInputs:
     flat: Exposure | None
     defects: pd.DataFrame | None
     truth: pd.DataFrame | None
+    psf: Psf | None = None  # a PSF model the manifest gives, instead of the fitted one
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ class DatasetSource:
             table = _read_parquet(root / sources)
             if {"visit", "detector"} <= set(table.columns):
                 truth = table[(table["visit"] == visit) & (table["detector"] == detector)]
-        return UnitInputs(raw, bias, flat, defects, truth)
+        psf = read_psf_image(root / entry["psf"]) if entry.get("psf") else None
+        return UnitInputs(raw, bias, flat, defects, truth, psf)
 
 
 def _as_listed(exposure: Exposure, entry: dict, manifest: str, magzero: float | None = None,
@@ -275,4 +281,4 @@ def _crop_inputs(inputs: UnitInputs, crop: tuple[int, int, int, int]) -> UnitInp
     return UnitInputs(crop_exposure(inputs.raw, *crop),
                       None if inputs.bias is None else crop_exposure(inputs.bias, *crop),
                       None if inputs.flat is None else crop_exposure(inputs.flat, *crop),
-                      defects, truth)
+                      defects, truth, inputs.psf)

@@ -194,9 +194,12 @@ def _load_and_process(source: DatasetSource, config: InjectRunConfig, visit: int
     isr = run_isr(inputs.raw, inputs.bias, inputs.flat, inputs.defects,
                   config.single_visit.isr)
     timings["isr"] = time.perf_counter() - start
-    truth = inputs.truth
+    truth, psf = inputs.truth, inputs.psf
     del inputs
-    return process_after_isr(isr, source.refcat(), config.single_visit, timings), truth
+    result = process_after_isr(isr, source.refcat(), config.single_visit, timings)
+    if psf is not None:  # the dataset's own model: fakes are drawn and images matched with it
+        result.calexp.psf = psf
+    return result, truth
 
 
 def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, visit: int,

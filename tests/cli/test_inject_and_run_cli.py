@@ -11,9 +11,11 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psutil
 import psycopg
 import pytest
+from astropy.io import fits
 from typer.testing import CliRunner
 
 from apqa.cli.app import register_commands
@@ -149,12 +151,17 @@ def test_user_dataset_of_real_decam_images(tmp_path):
     folder.mkdir()
     for name in ("DEC-OBS18a", "DEC-OBS04a", "DEC-OBS04b"):
         shutil.copy(decam / f"{name}.mini.fits", folder)
+    # Visit 41 brings its own PSF model (a Moffat of the cut-out's FWHM), used instead of a fit.
+    from apqa.datamodel import MoffatPsf
+
+    psf_image = MoffatPsf(256, 256, [5.2]).image_at(127.5, 127.5)
+    fits.PrimaryHDU(psf_image.astype(np.float64)).writeto(folder / "psf_04a.fits")
     (folder / "manifest.json").write_text(json.dumps({
         "dataset": "decam-mini", "magzero": 30.0,
         "exposures": [
             {"visit": 18, "detector": 1, "is_template": True, "raw": "DEC-OBS18a.mini.fits"},
             {"visit": 41, "detector": 1, "is_template": False, "mjd": 58334.40,
-             "raw": "DEC-OBS04a.mini.fits"},
+             "raw": "DEC-OBS04a.mini.fits", "psf": "psf_04a.fits"},
             {"visit": 42, "detector": 1, "is_template": False, "mjd": 58334.41,
              "raw": "DEC-OBS04b.mini.fits"}]}))
     out = tmp_path / "out"
@@ -172,6 +179,12 @@ def test_user_dataset_of_real_decam_images(tmp_path):
         dia = pd.read_parquet(out / f"units/v{visit}_d01/diaSources.parquet")
         assert set(dia["visit"]) <= {visit} and set(dia["detector"]) <= {1}
     assert (out / "alerts" / "alerts_41_1.avro").is_file()
+    from apqa.datamodel import Exposure
+
+    given = Exposure.from_fits(out / "units/v41_d01/science.fits").psf.image_at(10.0, 200.0)
+    np.testing.assert_allclose(given, psf_image / psf_image.sum(), atol=1e-7)
+    fitted = Exposure.from_fits(out / "units/v42_d01/science.fits").psf.image_at(127.5, 127.5)
+    assert fitted.shape != psf_image.shape or np.abs(fitted - given).max() > 1e-4
 
 
 @pytest.mark.real_data
