@@ -101,10 +101,24 @@ def process(
         ("sources", f"{len(result.sources)}"),
         ("astrometric scatter", f"{q['astrometric_scatter_mas']:.1f} mas "
                                 f"({int(q['n_astrometry_matches'])} matches)"),
-        ("zero point", f"{q['zero_point']:.4f} +- {q['zero_point_err_mmag']:.1f} mmag"),
+        ("zero point", _zero_point_text(q, result.calexp)),
         ("wall time", " ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())),
         ("outputs", str(out)),
     ]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+
+
+def _zero_point_text(quality: dict, calexp) -> str:
+    """The fitted zero point, or the one the image came with when nothing was fitted (no
+    reference catalog): what the calexp's fluxes are calibrated with either way."""
+    import math
+
+    if math.isfinite(quality["zero_point"]):
+        return f"{quality['zero_point']:.4f} +- {quality['zero_point_err_mmag']:.1f} mmag"
+    if calexp.photo_calib is not None:
+        return (f"{calexp.photo_calib.zero_point:.4f} from the image's header (MAGZERO or "
+                "BUNIT); none fitted without --refcat")
+    return "none: no --refcat, and no MAGZERO or flux units in the header"
+

@@ -74,3 +74,17 @@ def test_bad_refcat_is_one_line_error(dataset, tmp_path):
     assert result.exit_code == 2
     assert str(bad) in result.stderr and "ra" in result.stderr
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.real_data
+def test_without_refcat_the_summary_gives_the_headers_zero_point(tmp_path):
+    from tests.real_data import require_real_data
+
+    nircam = require_real_data("jwst-nircam")
+    image = nircam / "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp.fits"
+    result = runner.invoke(app, ["process", "--exposure", str(image), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    # MJy/sr and PIXAR_SR: 22.5 nJy per pixel value, zero point 31.4 - 2.5 log10(22.5).
+    assert "28.0195 from the image's header" in result.output
+    calexp = Exposure.from_fits(tmp_path / "calexp.fits")
+    assert calexp.photo_calib.calibration_mean == pytest.approx(22.5)
