@@ -65,6 +65,15 @@ def test_sharpest_star_contrast_is_the_cores_not_a_spike():
                                         np.r_[xy[bright, 1], 299.8])
     assert with_spike == contrast
     assert sharpest_star_contrast(exposure.image, np.array([]), np.array([])) == 0.0
+    # A cosmic ray on one star's core makes it look sharper than any star: it does not move
+    # the bound beyond the sharpest real core.
+    each = [sharpest_star_contrast(exposure.image, [x], [y]) for x, y in xy[bright]]
+    star = int(np.argmin(flux[bright]))
+    x, y = np.rint(xy[bright][star]).astype(int)
+    hit = exposure.image.copy()
+    hit[y, x] *= 1.6  # contrast ~0.6: sharper than any star, not yet a lone hot pixel
+    assert sharpest_star_contrast(hit, [xy[bright][star][0]], [xy[bright][star][1]]) > max(each)
+    assert sharpest_star_contrast(hit, xy[bright, 0], xy[bright, 1]) <= max(each)
 
 
 def test_star_cores_are_not_cosmic_rays_but_hits_are():
