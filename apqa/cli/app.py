@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -17,6 +18,13 @@ from apqa.errors import ApqaError
 from apqa.log import configure_logging
 
 EXIT_ERROR = 2
+
+#: ``--science-psf`` / ``--template-psf`` of the image commands (``apqa diff``, ``apqa run``).
+SciencePsfOption = Annotated[Path | None, typer.Option(
+    "--science-psf", help="PSF image (FITS: odd square, centred, detector sampling; STPSF's "
+                          "DET_SAMP) to use for the science instead of fitting one.")]
+TemplatePsfOption = Annotated[Path | None, typer.Option(
+    "--template-psf", help="The same for the template.")]
 
 app = typer.Typer(
     name="apqa",

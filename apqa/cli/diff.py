@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from apqa.cli.app import all_cores, app, fail, prose
+from apqa.cli.app import SciencePsfOption, TemplatePsfOption, all_cores, app, fail, prose
 from apqa.config import load_config
 from apqa.errors import ApqaError, InputError
 
@@ -42,11 +42,8 @@ def diff(
     score: Annotated[Path | None, typer.Option(help="ZOGY score image S_corr to write.")]
     = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
-    science_psf: Annotated[Path | None, typer.Option(
-        help="PSF image (FITS: odd square, centred, detector sampling; STPSF's DET_SAMP) to "
-             "use for the science instead of fitting one.")] = None,
-    template_psf: Annotated[Path | None, typer.Option(
-        help="The same for the template.")] = None,
+    science_psf: SciencePsfOption = None,
+    template_psf: TemplatePsfOption = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
     from apqa.datamodel import Exposure
@@ -65,7 +62,10 @@ def diff(
             readers.submit(_import_warp_if_needed, *reading)
 
             cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
-            psfs = _psf_files(science_psf, template_psf)
+            from apqa.datamodel.psf_file import read_psf_images
+
+            # A template's PSF applies on its own grid; a warp carries it to the science's.
+            psfs = read_psf_images(science_psf, template_psf)
             with all_cores(), console.status(
                     "[bold]reading and characterizing science and template") as status:
                 sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg,
@@ -100,12 +100,3 @@ def _import_warp_if_needed(science: Future, template: Future) -> None:
     except ApqaError:
         pass  # a warm-up only: the subtraction reports what is wrong with the inputs
 
-
-def _psf_files(science_psf: Path | None, template_psf: Path | None) -> tuple:
-    """The PSF models read from ``--science-psf`` / ``--template-psf`` (None where not given).
-    A model given for the template only applies to a template on the science's grid: a warped
-    template gets its PSF through the warp, from the one given."""
-    from apqa.datamodel.psf_file import read_psf_image
-
-    return tuple(None if path is None else read_psf_image(path)
-                 for path in (science_psf, template_psf))

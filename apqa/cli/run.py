@@ -13,7 +13,7 @@ from rich.table import Table
 
 from apqa import __version__
 from apqa.atomic import write_json, write_parquet
-from apqa.cli.app import all_cores, app, fail, prose
+from apqa.cli.app import SciencePsfOption, TemplatePsfOption, all_cores, app, fail, prose
 from apqa.config import config_hash, load_config
 from apqa.errors import ApqaError, InputError
 
@@ -56,6 +56,7 @@ def _calibrated(exposure, path: Path, zero_point: float | None, band: str | None
     from dataclasses import replace
 
     from apqa.datamodel import PhotoCalib
+    from apqa.datamodel.apdb_schema import require_apdb_band
 
     if zero_point is not None:
         exposure.photo_calib = PhotoCalib.from_zero_point(zero_point)
@@ -65,12 +66,8 @@ def _calibrated(exposure, path: Path, zero_point: float | None, band: str | None
                          "pass --zero-point (and --template-zero-point if it differs)")
     info = exposure.visit_info
     if info is not None:
-        if band is not None:
-            exposure.visit_info = info = replace(info, band=band)
-        if len(info.band) != 1:
-            raise InputError(f"{path}: band {info.band!r} (from FILTER "
-                             f"{info.physical_filter!r}) does not fit the APDB's one-character "
-                             "band column; pass --band (e.g. --band K)")
+        exposure.visit_info = replace(info, band=require_apdb_band(
+            band or info.band, info.physical_filter, str(path), "pass --band (e.g. --band K)"))
     return exposure
 
 
@@ -91,11 +88,8 @@ def run(
     band: Annotated[str | None, typer.Option(
         help="APDB band (one character) for filters with longer names, e.g. JWST's F200W.")]
     = None,
-    science_psf: Annotated[Path | None, typer.Option(
-        help="PSF image (FITS: odd square, centred, detector sampling; STPSF's DET_SAMP) to "
-             "use for the science instead of fitting one.")] = None,
-    template_psf: Annotated[Path | None, typer.Option(
-        help="The same for the template.")] = None,
+    science_psf: SciencePsfOption = None,
+    template_psf: TemplatePsfOption = None,
     apdb: Annotated[str | None, typer.Option(
         help="APDB URL (SQLite file or postgresql://...); default DIR/apdb.sqlite.")] = None,
     kafka_bootstrap: Annotated[str | None, typer.Option(
@@ -105,7 +99,7 @@ def run(
 ) -> None:
     """Difference, detect and measure: the DIASource table of a science/template pair."""
     from apqa.datamodel import Exposure
-    from apqa.datamodel.psf_file import read_psf_image
+    from apqa.datamodel.psf_file import read_psf_images
     from apqa.pipeline.alert_production import produce_alerts
     from apqa.pipeline.apdb import Apdb
     from apqa.pipeline.runner import RunConfig, run_pair
@@ -122,8 +116,7 @@ def run(
             tmp = _calibrated(Exposure.from_fits(template), template,
                               template_zero_point if template_zero_point is not None
                               else zero_point, band)
-            psfs = tuple(None if path is None else read_psf_image(path)
-                         for path in (science_psf, template_psf))
+            psfs = read_psf_images(science_psf, template_psf)
             result = run_pair(sci, tmp, cfg, on_stage=lambda s: status.update(f"[bold]{s}"),
                               psfs=psfs)
             status.update("[bold]association and alerts")

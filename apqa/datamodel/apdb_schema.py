@@ -151,6 +151,17 @@ def load_apdb_schema() -> ApdbSchema:
     return ApdbSchema(version=str(raw.get("version", "")), tables=tables)
 
 
+def require_apdb_band(band: str, physical_filter: str, where: str, fix: str) -> str:
+    """``band`` when it fits the APDB's ``band`` column (one character: Rubin's ugrizy), else
+    an :class:`InputError` that names ``where``, the filter it came from and ``fix``."""
+    length = load_apdb_schema()["DiaSource"].column("band").length or 1
+    if not 1 <= len(band) <= length:
+        size = "one-character" if length == 1 else f"{length}-character"
+        raise InputError(f"{where}: band {band!r} (from FILTER {physical_filter!r}) does not "
+                         f"fit the APDB's {size} band column; {fix}")
+    return band
+
+
 def _missing_column(col: ApdbColumn, n_rows: int) -> pd.Series:
     """``n_rows`` missing values of a column: zeros / False where it is NOT NULL (numeric)."""
     if col.dtype == "object":

@@ -57,3 +57,10 @@ def read_psf_image(path: str | Path) -> GridPsf:
     if not total > 0:
         raise InputError(f"{path}: PSF image does not sum to a positive value ({total:g})")
     return GridPsf(np.zeros(1), np.zeros(1), (image / total)[None, None])
+
+
+def read_psf_images(*paths: str | Path | None) -> tuple[GridPsf | None, ...]:
+    """:func:`read_psf_image` of each path given, None where a path is None (the science's and
+    the template's optional PSF files of ``apqa diff`` and ``apqa run``)."""
+    return tuple(None if path is None else read_psf_image(path) for path in paths)
+

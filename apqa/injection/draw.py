@@ -106,12 +106,21 @@ def catalog_positions(exposure: Exposure, catalog: pd.DataFrame
     return x, y
 
 
-def _gain(exposure: Exposure) -> float:
+def known_gain(exposure: Exposure) -> float | None:
+    """The detector gain (e-/ADU) when the exposure knows it: what drawing the fakes' Poisson
+    noise needs."""
     gain = exposure.detector_info.gain if exposure.detector_info is not None else float("nan")
-    if not (np.isfinite(gain) and gain > 0):
-        raise InputError(f"exposure: detector gain is {gain} (unknown); Poisson noise needs it: "
-                         "set GAIN (e-/ADU) in the header or inject without noise (--no-noise)")
-    return float(gain)
+    return float(gain) if np.isfinite(gain) and gain > 0 else None
+
+
+def _gain(exposure: Exposure) -> float:
+    gain = known_gain(exposure)
+    if gain is None:
+        given = exposure.detector_info.gain if exposure.detector_info is not None else np.nan
+        raise InputError(f"exposure: detector gain is {given} (unknown); Poisson noise needs "
+                         "it: set GAIN (e-/ADU) in the header or inject without noise "
+                         "(--no-noise)")
+    return gain
 
 
 def _add(model: np.ndarray, tiles: np.ndarray, tile: int, stamp: np.ndarray, x0: int,

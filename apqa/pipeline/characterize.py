@@ -24,7 +24,7 @@ from apqa.pipeline.psf_model import (
     PsfModelConfig,
     fit_psf,
     isolated_sources,
-    select_psf_candidates,
+    psf_star_candidates,
 )
 
 log = get_logger(__name__)
@@ -177,13 +177,7 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, pass_config)
         grow = max(1, round(config.mask_grow_fwhm * fwhm))
         source_mask = grow_square(segmap > 0, grow)
-        candidates = select_psf_candidates(sources, fwhm, config.psf)
-        if len(candidates) < 2 * config.psf.min_stars:
-            # Small images and sparse fields: accept fainter, less isolated stars.
-            relaxed = config.psf.model_copy(update={
-                "min_snr": min(config.psf.min_snr, 15.0),
-                "isolation_fwhm": min(config.psf.isolation_fwhm, 2.0)})
-            candidates = select_psf_candidates(sources, fwhm, relaxed)
+        candidates = psf_star_candidates(sources, fwhm, config.psf)
         fit = fit_psf(sub, variance, candidates, fwhm, image.shape, config.psf, labels=segmap)
         fwhm = fit.psf.fwhm
         log.debug("characterize iteration %d: %d sources, %d PSF stars, FWHM %.3f px",

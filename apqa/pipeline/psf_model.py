@@ -88,6 +88,19 @@ def select_psf_candidates(sources: pd.DataFrame, fwhm: float,
     return cand
 
 
+def psf_star_candidates(sources: pd.DataFrame, fwhm: float,
+                        config: PsfModelConfig) -> pd.DataFrame:
+    """:func:`select_psf_candidates`, and when that leaves fewer than twice ``min_stars``
+    (small images, sparse fields), again accepting fainter (S/N 15) and less isolated (2 FWHM)
+    stars."""
+    candidates = select_psf_candidates(sources, fwhm, config)
+    if len(candidates) < 2 * config.min_stars:
+        relaxed = config.model_copy(update={"min_snr": min(config.min_snr, 15.0),
+                                            "isolation_fwhm": min(config.isolation_fwhm, 2.0)})
+        candidates = select_psf_candidates(sources, fwhm, relaxed)
+    return candidates
+
+
 def _star_stamps(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndarray,
                  half: int, labels: np.ndarray | None, own: np.ndarray) -> tuple[np.ndarray, ...]:
     """Stamps shifted so each star sits at the centre of its central pixel, their variances,

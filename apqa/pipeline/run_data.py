@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from apqa.datamodel import Exposure, Mask, PhotoCalib
+from apqa.datamodel.apdb_schema import require_apdb_band
 from apqa.datamodel.psf import Psf
 from apqa.datamodel.psf_file import read_psf_image
 from apqa.errors import InputError
@@ -191,12 +192,10 @@ def _as_listed(exposure: Exposure, entry: dict, manifest: str, magzero: float | 
     if np.isfinite(info.mjd) and abs(info.mjd - mjd) * 86400.0 > 1.0:
         log.warning("%s: visit %s detector %s: mjd %.6f replaces the header's %.6f",
                     manifest, entry["visit"], entry["detector"], mjd, info.mjd)
-    band = str(entry.get("band", dataset_band or info.band))
-    if len(band) != 1:
-        raise InputError(f"{manifest}: visit {entry['visit']} detector {entry['detector']}: "
-                         f"band {band!r} (from FILTER {info.physical_filter!r}) does not fit "
-                         "the APDB's one-character band column; give \"band\" (e.g. \"K\") "
-                         "in the manifest entry or for the dataset")
+    band = require_apdb_band(str(entry.get("band", dataset_band or info.band)),
+                             info.physical_filter,
+                             f"{manifest}: visit {entry['visit']} detector {entry['detector']}",
+                             'give "band" (e.g. "K") in the manifest entry or for the dataset')
     exposure = replace(exposure, visit_info=replace(info, visit=int(entry["visit"]),
                                                     detector=int(entry["detector"]), mjd=mjd,
                                                     band=band))

@@ -29,7 +29,7 @@ from apqa.config import ConfigModel, config_hash, stable_hash
 from apqa.datamodel import Exposure
 from apqa.errors import ConfigError, StageError
 from apqa.injection.catalog import CatalogConfig, generate_catalog
-from apqa.injection.draw import inject
+from apqa.injection.draw import inject, known_gain
 from apqa.injection.match import MatchConfig, match_fakes, merge_injected
 from apqa.log import get_logger
 from apqa.pipeline.alerts import AlertConfig
@@ -220,8 +220,8 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
                                seed=unit_seed(seed, visit, detector))
     # Images without a gain (drizzled, already in flux units) get their fakes without the
     # fakes' own Poisson noise: near the detection limit the sky's noise dominates anyway.
-    noise = {name: _has_gain(exp) for name, exp in (("science", calexp),
-                                                     ("template", template_exp))}
+    noise = {name: known_gain(exp) is not None
+             for name, exp in (("science", calexp), ("template", template_exp))}
     for name in [n for n, known in noise.items() if not known]:
         log.warning("visit %d detector %d: the %s has no gain (GAIN): fakes drawn without "
                     "their Poisson noise", visit, detector, name)
@@ -273,11 +273,6 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
                                                          "diaSources.parquet",
                                                          "matched.parquet"])},
     }
-
-
-def _has_gain(exposure: Exposure) -> bool:
-    gain = exposure.detector_info.gain if exposure.detector_info is not None else float("nan")
-    return bool(np.isfinite(gain) and gain > 0)
 
 
 def _pixel_scale(exposure: Exposure) -> float:

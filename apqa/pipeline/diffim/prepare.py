@@ -34,7 +34,7 @@ from apqa.pipeline.detect import windowed_moments
 from apqa.pipeline.interpolate import interpolate_masked
 from apqa.pipeline.photometry import aperture_correction, psf_flux
 from apqa.pipeline.pixels import any_in_box, bin_sum, boxes, upsample
-from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, select_psf_candidates
+from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, psf_star_candidates
 
 SIGMA_TO_FWHM = 2.3548
 _FLAGGED = ("SAT", "BAD", "CR", "NO_DATA", "INTRP")
@@ -241,12 +241,7 @@ def _psf_model(image: np.ndarray, variance: np.ndarray, sources: pd.DataFrame,
                ) -> tuple[Psf, pd.Index, float, bool]:
     """PSF model fitted on the bright isolated point sources: (psf, index of the sources it
     used, residual chi^2, whether it is the Moffat fallback)."""
-    candidates = select_psf_candidates(sources, fwhm, config.psf)
-    if len(candidates) < 2 * config.psf.min_stars:
-        relaxed = config.psf.model_copy(update={
-            "min_snr": min(config.psf.min_snr, 15.0),
-            "isolation_fwhm": min(config.psf.isolation_fwhm, 2.0)})
-        candidates = select_psf_candidates(sources, fwhm, relaxed)
+    candidates = psf_star_candidates(sources, fwhm, config.psf)
     # fit_psf ignores pixels of footprints other than the star's own, which it expects to be
     # labelled (catalog index + 1); every other footprint gets one label no star has.
     relabel = np.full(int(segmap.max()) + 1, len(sources) + 1, np.int64)
@@ -350,7 +345,7 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         psf, used, residual_chi2, psf_fallback = _psf_model(image, variance, sources, segmap,
                                                             fwhm, config)
     else:  # given: its aperture correction is measured on the stars a fit would have used
-        used = select_psf_candidates(sources, fwhm, config.psf).index
+        used = psf_star_candidates(sources, fwhm, config.psf).index
         residual_chi2, psf_fallback = float("nan"), False
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
     star_flux, _, _, _ = psf_flux(image, variance, usable, psf,

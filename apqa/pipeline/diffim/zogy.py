@@ -295,7 +295,8 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                 raise StageError(
                     "zogy: no flux ratio: fewer than "
                     f"{config.flux_ratio_min_stars} unmasked stars (S/N > "
-                    f"{FLOOR_SNR:g}) to fit it, and no photo_calib on both "
+                    f"{min(FLOOR_SNR, config.flux_ratio_min_snr):g}) to fit it, and no "
+                    "photo_calib on both "
                     "exposures; set ZogyConfig.flux_ratio or give calibrated exposures")
             flux_ratio = calib_ratio
 

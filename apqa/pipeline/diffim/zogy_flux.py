@@ -173,8 +173,8 @@ def fit_flux_ratio_on_stars(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndar
         ``ratio`` is NaN (and ``n_used`` below ``min_stars``) when no threshold gives enough.
     """
     margin = max(k.shape[0] for k, _ in cross) // 2
-    thresholds = sorted({max(FLOOR_SNR, min_snr / f) for f in (1, 2, 4)} | {min_snr},
-                        reverse=True)
+    lower = {max(FLOOR_SNR, min_snr / f) for f in (2, 4)} if min_snr > FLOOR_SNR else set()
+    thresholds = sorted({min_snr} | lower, reverse=True)
     best = (float("nan"), float("nan"), 0, min_snr)
     for threshold in thresholds:
         x, y = _find_stars(snr_half, usable, threshold, fwhm, margin, max_stars)
