@@ -126,3 +126,25 @@ def prefault_heap(nbytes: int, tuned: dict[str, bool]) -> threading.Thread | Non
     thread = threading.Thread(target=touch, name="apqa-prefault", daemon=True)
     thread.start()
     return thread
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free memory back to the system (glibc ``malloc_trim``).
+
+    With :func:`tune_allocator`'s settings freed image buffers stay in the heap for reuse. A
+    command whose computing is done and that is about to write large files does better to
+    give them back: on the project's virtual machines a page the guest has not used for a
+    couple of seconds is handed back to the host (free page reporting), and touching one
+    again costs a fault in the host, 1-3 s per GiB. The page cache that a written file fills
+    takes pages just freed first. ``apqa diff`` writing a 200 MB difference image took
+    0.64-0.68 s after 1.1 GB of computing and 0.18-0.20 s with the inputs' buffers freed
+    first (trimming took 0.02 s). Returns whether the call was made (glibc only).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from apqa.allocator import release_free_heap
 from apqa.cli.app import SciencePsfOption, TemplatePsfOption, all_cores, app, fail, prose
 from apqa.config import load_config
 from apqa.errors import ApqaError, InputError
@@ -73,6 +74,10 @@ def diff(
                 status.update(f"[bold]subtracting ({algorithm})")
                 result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources,
                                                with_score=score is not None)
+        # The inputs are done with: their memory is what the written file's pages reuse.
+        result.template = None
+        del sci, tmp, reading
+        release_free_heap()
         result.difference.write_fits(out)
         if score is not None and score_image is not None:
             import numpy as np
