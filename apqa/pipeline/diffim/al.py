@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import scipy.fft as sfft
-import sep
 from pydantic import Field
 
 from apqa.config import ConfigModel
@@ -23,6 +22,7 @@ from apqa.datamodel import Exposure, GridPsf, Mask, PolynomialPsf, Psf
 from apqa.datamodel.blocks import row_blocks
 from apqa.datamodel.psf import convolve_full
 from apqa.errors import StageError
+from apqa.pipeline.background import subtract_binned_background
 from apqa.pipeline.diffim.al_kernel import (
     MatchingKernel,
     fit_kernel,
@@ -210,11 +210,9 @@ def _psf_through_kernel(psf: Psf, kernels: list[np.ndarray], phi: np.ndarray | N
 
 def _subtract_residual_background(diff: np.ndarray, sky: np.ndarray, mesh: int) -> None:
     """Subtract from ``diff`` (C-contiguous float32, in place) its smooth background, measured
-    on its ``sky`` pixels (sep meshes, 3x3 median filter)."""
+    on its ``sky`` pixels (sep meshes on binned pixels, 3x3 median filter)."""
     height, width = diff.shape
-    mesh = min(mesh, height, width)
-    bkg = sep.Background(diff, mask=~sky, bw=mesh, bh=mesh, fw=3, fh=3)
-    bkg.subfrom(diff)
+    subtract_binned_background(diff, ~sky, min(mesh, height, width), 3)
 
 
 def residual_footprint_ratio(diff: np.ndarray, variance: np.ndarray, ix: np.ndarray,

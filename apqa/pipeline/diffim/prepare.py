@@ -22,10 +22,10 @@ from scipy.ndimage import binary_dilation, label
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, MoffatPsf
-from apqa.datamodel.blocks import row_blocks
 from apqa.datamodel.psf import Psf
 from apqa.errors import StageError
 from apqa.log import get_logger
+from apqa.pipeline.background import subtract_binned_background
 from apqa.pipeline.cosmic_rays import (
     CosmicRayConfig,
     detect_cosmic_rays,
@@ -95,64 +95,6 @@ def _saturation(exposure: Exposure, grow: int) -> tuple[np.ndarray, np.ndarray] 
         return None
     ys = np.concatenate([np.clip(ys + d, 0, exposure.height - 1) for d in range(-grow, grow + 1)])
     return ys, np.tile(xs, 2 * grow + 1)
-
-
-def subtract_binned_background(image: np.ndarray, masked: np.ndarray,
-                               config: PrepareConfig) -> tuple[float, float]:
-    """Subtract the sky in place: sep's mesh background measured on ``config.binning``-binned
-    pixels, interpolated back bilinearly a block of rows at a time.
-
-    The mesh statistics see the same pixels as at full resolution (a mesh of 128 pixels is
-    one of 32 binned ones), sixteen times fewer of them, and the sky is smooth on the scale of
-    a bin. sep holds Python's GIL while it works (sep-developers/sep#172): on a 4096x4096
-    image its full-resolution background took 0.19 s during which the other image's thread,
-    in ``apqa diff``, could not run; binned, 0.01 s. Masked pixels must be finite (zero them
-    first). Returns the global sky level and the noise per pixel (robust width of the pixels
-    after subtraction).
-    """
-    factor = config.binning
-    binned = bin_sum(image, factor)
-    bkg = sep.Background(binned, mask=bin_sum(masked, factor) > 0,
-                         bw=max(1, config.background_mesh // factor),
-                         bh=max(1, config.background_mesh // factor),
-                         fw=config.background_filter, fh=config.background_filter)
-    # Per full-resolution pixel: a bin holds factor^2 pixels.
-    sky = bkg.back(dtype=np.float32) / np.float32(factor * factor)
-
-    def axis_weights(n: int, n_binned: int) -> tuple[np.ndarray, np.ndarray]:
-        # Bin j is centred on pixel factor j + (factor - 1) / 2; beyond the outer centres the
-        # sky is held constant.
-        t = (np.arange(n) - (factor - 1) / 2) / factor
-        lower = np.clip(np.floor(t).astype(int), 0, max(n_binned - 2, 0))
-        frac = np.clip(t - lower, 0.0, 1.0).astype(np.float32)
-        return lower, frac
-
-    if min(sky.shape) < 2:
-        image -= np.float32(sky.mean())
-    else:
-        lx, fx = axis_weights(image.shape[1], sky.shape[1])
-        # Full-resolution columns, binned rows (``take`` gathers columns ten times faster
-        # than a fancy index, and returns C order, whose rows the loop gathers fast).
-        along_x = np.take(sky, lx, axis=1)
-        along_x *= 1 - fx
-        right = np.take(sky, lx + 1, axis=1)
-        right *= fx
-        along_x += right
-        del right
-        ly, fy = axis_weights(image.shape[0], sky.shape[0])
-        for rows in row_blocks(image.shape[0]):
-            wy = fy[rows, None]
-            block = np.take(along_x, ly[rows], axis=0)
-            block *= 1 - wy
-            upper = np.take(along_x, ly[rows] + 1, axis=0)
-            upper *= wy
-            block += upper
-            image[rows] -= block
-    # The noise per pixel from the pixels themselves (binned noise scales as factor only
-    # for uncorrelated pixels, and resampled images are not): a 1-in-16 sample suffices.
-    sample = image[::4, ::4][~masked[::4, ::4]]
-    rms = 1.4826 * float(np.median(np.abs(sample - np.median(sample)))) if sample.size else 0.0
-    return float(bkg.globalback) / factor**2, rms
 
 
 def _find_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
@@ -368,7 +310,8 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     variance = exposure.variance
     missing = masked & ~np.isfinite(image)
     image[missing] = 0.0
-    sky_level, sky_rms = subtract_binned_background(image, masked, config)
+    sky_level, sky_rms = subtract_binned_background(image, masked, config.background_mesh,
+                                                    config.background_filter, config.binning)
     image[missing] = 0.0
 
     objects, segmap = _find_sources(image, variance, masked, config)
