@@ -534,3 +534,40 @@ def test_without_the_score_the_difference_is_the_same(subtracted):
     assert np.array_equal(bare.difference.mask.array, full.difference.mask.array)
     assert np.array_equal(bare.difference.psf.images, full.difference.psf.images)
     np.testing.assert_equal(bare.quality, full.quality)  # NaN where both are NaN
+
+
+def test_kernels_stay_compact_for_psf_stamps_with_hard_edges(monkeypatch):
+    """Fitted PSF models are square stamps standing on a floor of 1-2e-3 of their peak (the
+    bench pair's), so they end in a step. Rolled off before the kernels are made, the
+    kernels keep all but 1e-5 of their power within ~20 px; with the steps left in, not
+    within the 128 px cap."""
+    from apqa.pipeline.diffim import zogy_kernels
+    from apqa.pipeline.diffim.zogy_kernels import _soft_edge, _zogy_kernels
+
+    def moffat_stamp(size: int, fwhm: float, floor: float = 1e-3) -> np.ndarray:
+        half = size // 2
+        yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+        alpha = fwhm / (2 * np.sqrt(2 ** (1 / 3.5) - 1))
+        stamp = (1 + (xx**2 + yy**2) / alpha**2) ** -3.5 + floor
+        return stamp / stamp.sum()
+
+    pn, pr = moffat_stamp(33, 4.5), moffat_stamp(25, 3.4)
+    args = (pn, pr, 6.0, 4.0, 1.0, 1e-12, None, 1e-5, 128, 33)
+    kernels = _zogy_kernels(*args, with_score=False)
+    assert kernels.radius < 30 and kernels.truncation <= 1e-5
+    monkeypatch.setattr(zogy_kernels, "_soft_edge", lambda kernel: kernel)
+    assert _zogy_kernels(*args, with_score=False).radius == 128
+    # A small stamp keeps its core: at most 40% of its radius is rolled off.
+    small = moffat_stamp(11, 2.0, floor=0.0)
+    soft = _soft_edge(small)
+    ratio = soft / small
+    assert np.allclose(ratio[4:7, 4:7], ratio[5, 5])
+    assert soft.sum() == pytest.approx(1.0)
+
+
+def test_inner_tile_sides_are_not_padded():
+    from apqa.pipeline.diffim.zogy_tiles import _fast_even, _tile_length
+
+    assert _tile_length(0, 1184, 4096, 128) == _fast_even(1184 + 128)
+    assert _tile_length(2912, 4096, 4096, 128) == _fast_even(1184 + 128)
+    assert _tile_length(864, 2208, 4096, 128) == _fast_even(1344)
