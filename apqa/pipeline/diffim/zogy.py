@@ -59,7 +59,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import fft as sfft
 
 from apqa.datamodel import Exposure, GridPsf, measure_fwhm
 from apqa.errors import InputError, StageError
@@ -221,21 +220,20 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         radius = (min(pshape) - 1) // 2
 
     weights = _taper_weights(shape, bad, taper)
-    # The inputs go straight into zero-padded FFT buffers; img_* and var_* are views of them.
-    img_n, buf_n = _padded_product(science.image, weights, bad, pshape)
-    img_r, buf_r = _padded_product(template.image, weights, bad, pshape)
+    # Without tiles the inputs go straight into zero-padded FFT buffers (img_* are views of
+    # them); tiles copy their regions into buffers of their own.
+    img_n, buf_n = _padded_product(science.image, weights, bad, shape if tiled else pshape)
+    img_r, buf_r = _padded_product(template.image, weights, bad, shape if tiled else pshape)
     var_n = np.where(bad, np.float32(0), science.variance)
     var_r = np.where(bad, np.float32(0), template.variance)
-    n_hat = sfft.rfft2(buf_n, workers=workers)
-    r_hat = sfft.rfft2(buf_r, workers=workers)
 
     # Pixels for statistics: unmasked, untapered and (below) source-free.
     untapered = (weights >= _UNTAPERED) & ~bad
     if untapered.sum() < _MIN_STAT_PIXELS:
         raise StageError(f"zogy: only {int(untapered.sum())} unmasked pixels away from the "
                          f"edges and masks (taper {taper} px); need {_MIN_STAT_PIXELS}")
-    snr_n = _smoothed_half(n_hat, pshape, shape, fwhm_n, untapered, workers)
-    snr_r = (_smoothed_half(r_hat, pshape, shape, fwhm_r, untapered, workers)
+    snr_n = _smoothed_half(img_n, fwhm_n, untapered, workers)
+    snr_r = (_smoothed_half(img_r, fwhm_r, untapered, workers)
              if mask_sources is None else None)
     sources = _source_pixels(mask_sources, science, template, snr_n,
                              snr_r if snr_r is not None else snr_n,
@@ -313,10 +311,10 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         del w2
         diff, score, var_d, var_s = _filter_region(
             buf_n, buf_r, buf_vn, buf_vr, tiles[0].kernels, shape, config.astrometric_sigma,
-            workers, n_hat, r_hat, with_score)
-        del buf_n, buf_r, buf_vn, buf_vr, n_hat, r_hat
+            workers, with_score=with_score)
+        del buf_n, buf_r, buf_vn, buf_vr
     else:
-        del n_hat, r_hat, buf_n, buf_r
+        del buf_n, buf_r
         # Weighted in place: the plain variances are not needed again, and on these machines
         # every fresh page costs (two fewer 64 MB planes).
         var_n *= w2

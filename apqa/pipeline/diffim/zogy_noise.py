@@ -15,6 +15,7 @@ from scipy import ndimage
 from apqa.datamodel import Exposure
 from apqa.errors import InputError, StageError
 from apqa.pipeline.diffim.zogy_kernels import SIGMA_TO_FWHM
+from apqa.pipeline.pixels import bin_sum
 
 #: Statistics (medians, robust widths) use at most about this many pixels.
 _MAX_STAT_PIXELS = 1_000_000
@@ -101,25 +102,36 @@ def _gaussian_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
     return gy[:, None] * gx[None, :]
 
 
-def _smoothed_half(image_hat: np.ndarray, pshape: tuple[int, int], shape: tuple[int, int],
-                   fwhm: float, stat: np.ndarray, workers: int) -> np.ndarray:
-    """The image smoothed by a Gaussian of the PSF's FWHM, on every second pixel, in S/N units.
+def _smoothed_half(image: np.ndarray, fwhm: float, stat: np.ndarray, workers: int
+                   ) -> np.ndarray:
+    """The image smoothed by a Gaussian of the PSF's FWHM, on 2 x 2 bins, in S/N units.
 
     The Gaussian (sigma at least 2 px) suppresses frequencies above 1/4 cycle per pixel by a
-    factor of 200 or more, so the smoothed image is sampled without aliasing at half the
-    resolution: its transform is the central quarter of the full one, inverted at a quarter
-    of the cost. Noise is measured robustly on the ``stat`` pixels. Only used to find sources
-    (for the noise statistics' mask and the flux-ratio stars), where that is plenty.
+    factor of 200 or more, so binning first loses nothing a source mask needs and makes the
+    transforms a quarter of the size (two full-resolution transforms of a 4096x4096 pair took
+    0.25 s and 280 MB). Bin (i, j) covers pixels 2i..2i+1, 2j..2j+1; odd edges get a bin half
+    full. Noise is measured robustly on the ``stat`` pixels (every second one). Only used to
+    find sources (for the noise statistics' mask and the flux-ratio stars), where that is
+    plenty.
     """
-    sigma = max(fwhm / SIGMA_TO_FWHM, 2.0)
-    half_shape = (pshape[0] // 2, pshape[1] // 2)
-    n_pos = (half_shape[0] - 1) // 2 + 1  # fftfreq layout: non-negative rows, then negative
-    rows = np.r_[0:n_pos, pshape[0] - (half_shape[0] - n_pos):pshape[0]]
-    sub = image_hat[rows, :half_shape[1] // 2 + 1]
-    # Sigma is in full-resolution pixels: half as many on the half-resolution grid.
-    sub *= _gaussian_transfer(half_shape, sigma / 2)
-    smooth = sfft.irfft2(sub, s=half_shape, workers=workers)
-    smooth = smooth[:(shape[0] + 1) // 2, :(shape[1] + 1) // 2]
+    sigma = max(fwhm / SIGMA_TO_FWHM, 2.0) / 2  # in bins
+    height, width = image.shape
+    half_shape = ((height + 1) // 2, (width + 1) // 2)
+    reach = int(np.ceil(4 * sigma))  # zero padding against wrap-around
+    fshape = (sfft.next_fast_len(half_shape[0] + reach, real=True),
+              sfft.next_fast_len(half_shape[1] + reach, real=True))
+    if height % 2 or width % 2:  # odd edges: a half-full bin (a zero row or column added)
+        image = np.pad(image, ((0, height % 2), (0, width % 2)))
+    binned = np.zeros(fshape, np.float32)
+    binned[:half_shape[0], :half_shape[1]] = bin_sum(image, 2)
+    spectrum = sfft.rfft2(binned, workers=workers, overwrite_x=True)
+    # A quarter-bin shift puts bin i's value at pixel 2i (a bin is centred on 2i + 0.5), as
+    # the star finder reads it: a systematic half-pixel offset moved the flux ratio by 0.4%.
+    ramp_y = np.exp(-0.5j * np.pi * sfft.fftfreq(fshape[0])).astype(np.complex64)
+    ramp_x = np.exp(-0.5j * np.pi * sfft.rfftfreq(fshape[1])).astype(np.complex64)
+    spectrum *= _gaussian_transfer(fshape, sigma) * ramp_y[:, None] * ramp_x[None, :]
+    smooth = sfft.irfft2(spectrum, s=fshape, workers=workers, overwrite_x=True)
+    smooth = smooth[:half_shape[0], :half_shape[1]]
     stat_half = stat[::2, ::2]
     sl = _sample(stat_half)
     noise = _robust_std(smooth[sl][stat_half[sl]])
