@@ -45,7 +45,7 @@ def _fast_even(n: int) -> int:
     return n
 
 
-def _padded_product(values: np.ndarray, weights: np.ndarray, bad: np.ndarray,
+def _padded_product(values: np.ndarray, weights: np.ndarray | np.float32, bad: np.ndarray,
                     pshape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``values * weights`` (0 on bad pixels) in a zero-padded FFT buffer of ``pshape``.
 
