@@ -214,8 +214,14 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
             parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0),
                                    config.astrometric_sigma, config.workers,
                                    with_score=with_score)
-            weight = wy[j][y0:y1, None] * wx[i][None, x0:x1]
+            # Only the cell and its blending zone have weight: the kernel-radius margins none.
+            ky0, ky1 = max(0, cells_y[j] - blend), min(height, cells_y[j + 1] + blend)
+            kx0, kx1 = max(0, cells_x[i] - blend), min(width, cells_x[i + 1] + blend)
+            weight = wy[j][ky0:ky1, None] * wx[i][None, kx0:kx1]
+            kept = (slice(ky0 - y0, ky1 - y0), slice(kx0 - x0, kx1 - x0))
             for total, part in zip(outputs, parts, strict=True):
                 if part is not None:
-                    total[region] += weight * part
+                    piece = part[kept]
+                    piece *= weight
+                    total[ky0:ky1, kx0:kx1] += piece
     return tiles, outputs
