@@ -19,8 +19,8 @@ def subtract_binned_background(image: np.ndarray, masked: np.ndarray, mesh: int 
     one of 32 binned ones), sixteen times fewer of them, and the sky is smooth on the scale of
     a bin. sep holds Python's GIL while it works (sep-developers/sep#172): on a 4096x4096
     image its full-resolution background took 0.19 s during which the other image's thread,
-    in ``apqa diff``, could not run; binned, 0.01 s. Masked pixels must be finite (zero them
-    first; bins holding one are left out). Returns the global sky level and the noise per
+    in ``apqa diff``, could not run; binned, 0.01 s. Bins holding a masked pixel are left out
+    (masked pixels may be NaN: they stay NaN). Returns the global sky level and the noise per
     pixel (robust width of the unmasked pixels after subtraction).
 
     Examples
