@@ -29,20 +29,13 @@ def _padded_shape(shape: tuple[int, int], pad: int) -> tuple[int, int]:
     Circular convolution with a kernel of half-width h wraps pixels no further than h, so with
     ``pad >= h`` the zeros, not the opposite edge of the image, are what wraps onto the image.
     """
-    return _fast_even(shape[0] + pad), _fast_even(shape[1] + pad)
+    return _fast_length(shape[0] + pad), _fast_length(shape[1] + pad)
 
 
-def _fast_even(n: int) -> int:
-    """Smallest even length >= n that pocketfft transforms fast.
-
-    pocketfft is fast for lengths with factors 2, 3, 5, 7 and 11 (``real=True`` would allow
-    only 2, 3 and 5 and pad 4096 + 41 to 4320 instead of 4158). Even lengths let the smoothed
-    detection images be computed on every second pixel (:func:`_smoothed_half`).
-    """
-    n = sfft.next_fast_len(n)
-    while n % 2:
-        n = sfft.next_fast_len(n + 1)
-    return n
+def _fast_length(n: int) -> int:
+    """Smallest length >= n that pocketfft transforms fast: factors 2, 3, 5, 7 and 11
+    (``real=True`` would allow only 2, 3 and 5 and pad 4096 + 41 to 4320 instead of 4158)."""
+    return sfft.next_fast_len(n)
 
 
 def _padded_product(values: np.ndarray, weights: np.ndarray | np.float32, bad: np.ndarray,
@@ -146,7 +139,7 @@ def _tile_length(start: int, stop: int, n: int, pad: int) -> int:
     radius the inner tiles' transforms are a sixth smaller.
     """
     at_edge = start == 0 or stop == n
-    return _fast_even(stop - start + (pad if at_edge else 0))
+    return _fast_length(stop - start + (pad if at_edge else 0))
 
 
 def _partition(n: int, bounds: np.ndarray, blend: int) -> list[np.ndarray]:
