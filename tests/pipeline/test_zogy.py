@@ -571,3 +571,15 @@ def test_inner_tile_sides_are_not_padded():
     assert _tile_length(0, 1184, 4096, 128) == _fast_length(1184 + 128)
     assert _tile_length(2912, 4096, 4096, 128) == _fast_length(1184 + 128)
     assert _tile_length(864, 2208, 4096, 128) == _fast_length(1344)
+
+
+def test_tiles_in_threads_give_the_same_result():
+    """Two tiles at a time in two threads (a budget of two cores) or one after the other:
+    added in tile order, the outputs are identical bit for bit."""
+    pair = _make_pair(41, 4.5, 3.5)
+    serial = zogy_subtract(pair.science, pair.template, ZogyConfig(tile_size=256, workers=1))
+    threaded = zogy_subtract(pair.science, pair.template, ZogyConfig(tile_size=256, workers=2))
+    assert serial.quality["n_tiles"] == 4
+    assert np.array_equal(serial.difference.image, threaded.difference.image)
+    assert np.array_equal(serial.difference.variance, threaded.difference.variance)
+    assert np.array_equal(serial.score, threaded.score)

@@ -6,6 +6,8 @@ Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 
 #: Half-width (pixels) of the blending ramps between tiles.
 _TILE_BLEND = 32
+#: Most tiles filtered at once, each in a thread of its own.
+_TILE_THREADS = 2
 
 
 def _padded_shape(shape: tuple[int, int], pad: int) -> tuple[int, int]:
@@ -187,34 +191,52 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
     # D, S, var(D), var(S): the score's two only when asked for.
     wanted = (True, with_score, True, with_score)
     outputs = tuple(np.zeros((height, width), np.float32) if w else None for w in wanted)
-    tiles = []
-    for j in range(len(cells_y) - 1):
+    cells = [(j, i) for j in range(len(cells_y) - 1) for i in range(len(cells_x) - 1)]
+
+    def one_tile(cell: tuple[int, int]) -> tuple[_Tile, tuple[slice, slice], tuple]:
+        j, i = cell
         y0 = max(0, cells_y[j] - blend - radius)
         y1 = min(height, cells_y[j + 1] + blend + radius)
-        for i in range(len(cells_x) - 1):
-            x0 = max(0, cells_x[i] - blend - radius)
-            x1 = min(width, cells_x[i + 1] + blend + radius)
-            pn, pr, shift = cell_psfs[j * (len(cells_x) - 1) + i]
-            kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size, with_score)
-            tiles.append(_Tile(kernels, shift))
-            region = (slice(y0, y1), slice(x0, x1))
-            fshape = (_tile_length(y0, y1, height, pad), _tile_length(x0, x1, width, pad))
-            bufs = []
-            for values in (img_n, img_r, wvar_n, wvar_r):
-                buf = np.zeros(fshape, np.float32)
-                buf[:y1 - y0, :x1 - x0] = values[region]
-                bufs.append(buf)
-            parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0),
-                                   config.astrometric_sigma, config.workers,
-                                   with_score=with_score)
-            # Only the cell and its blending zone have weight: the kernel-radius margins none.
-            ky0, ky1 = max(0, cells_y[j] - blend), min(height, cells_y[j + 1] + blend)
-            kx0, kx1 = max(0, cells_x[i] - blend), min(width, cells_x[i + 1] + blend)
-            weight = wy[j][ky0:ky1, None] * wx[i][None, kx0:kx1]
-            kept = (slice(ky0 - y0, ky1 - y0), slice(kx0 - x0, kx1 - x0))
-            for total, part in zip(outputs, parts, strict=True):
-                if part is not None:
-                    piece = part[kept]
-                    piece *= weight
-                    total[ky0:ky1, kx0:kx1] += piece
+        x0 = max(0, cells_x[i] - blend - radius)
+        x1 = min(width, cells_x[i + 1] + blend + radius)
+        pn, pr, shift = cell_psfs[j * (len(cells_x) - 1) + i]
+        kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size, with_score)
+        region = (slice(y0, y1), slice(x0, x1))
+        fshape = (_tile_length(y0, y1, height, pad), _tile_length(x0, x1, width, pad))
+        bufs = []
+        for values in (img_n, img_r, wvar_n, wvar_r):
+            buf = np.zeros(fshape, np.float32)
+            buf[:y1 - y0, :x1 - x0] = values[region]
+            bufs.append(buf)
+        parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0), config.astrometric_sigma,
+                               fft_workers, with_score=with_score)
+        # Only the cell and its blending zone have weight: the kernel-radius margins none.
+        ky0, ky1 = max(0, cells_y[j] - blend), min(height, cells_y[j + 1] + blend)
+        kx0, kx1 = max(0, cells_x[i] - blend), min(width, cells_x[i + 1] + blend)
+        weight = wy[j][ky0:ky1, None] * wx[i][None, kx0:kx1]
+        kept = (slice(ky0 - y0, ky1 - y0), slice(kx0 - x0, kx1 - x0))
+        pieces = tuple(None if part is None else part[kept] for part in parts)
+        for piece in pieces:
+            if piece is not None:
+                piece *= weight
+        return _Tile(kernels, shift), (slice(ky0, ky1), slice(kx0, kx1)), pieces
+
+    # The caller's core budget (ZogyConfig.workers, else scipy.fft's setting: all cores in
+    # `apqa diff`, one on a Dask worker) goes to tiles in threads first: the products and
+    # copies between transforms are single-threaded otherwise.
+    budget = config.workers if config.workers is not None else sfft.get_workers()
+    if budget < 0:  # scipy's convention: -1 is every core
+        budget = max(1, (os.cpu_count() or 1) + 1 + budget)
+    threads = max(1, min(_TILE_THREADS, budget))
+    fft_workers = max(1, budget // threads)
+    tiles = []
+    # Tiles in batches of ``threads``, added in tile order so that the result does not depend
+    # on which thread finishes first.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(cells), threads):
+            for tile, window, pieces in pool.map(one_tile, cells[start:start + threads]):
+                tiles.append(tile)
+                for total, piece in zip(outputs, pieces, strict=True):
+                    if piece is not None:
+                        total[window] += piece
     return tiles, outputs
