@@ -32,7 +32,7 @@ visits, 1 detector). --scheduler: 'process' (in this process), 'local:N' (a Dask
 of N worker processes; default local:2 for several units) or a Dask scheduler address whose
 workers share the output folder. Outputs: OUT/units/v{visit}_d{det}/ (science, template and
 difference FITS, fakes, diaSources and matched Parquet tables, unit.json with status, timings,
-peak memory and sha256 checksums), OUT/apdb.sqlite, OUT/alerts/*.avro and OUT/run.json. Exit
+peak memory and checksums), OUT/apdb.sqlite, OUT/alerts/*.avro and OUT/run.json. Exit
 code 1 when a unit failed (the others complete), 2 for bad input.
 """)
 

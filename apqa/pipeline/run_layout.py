@@ -10,10 +10,14 @@ Layout (``OUT`` is ``--out``)::
     OUT/units/v{visit}_d{det}/           one folder per science visit-detector:
         science.fits, template.fits, difference.fits   injected calexp, warped template, diffim
         fakes.parquet, diaSources.parquet, matched.parquet
-        unit.json                        status, error, timings, peak memory, sha256 of outputs
+        unit.json                        status, error, timings, peak memory, checksums of outputs
 
 A unit is finished when its ``unit.json`` says ``done`` and every output it lists still has the
-recorded sha256: that is what ``--resume`` checks before skipping it.
+recorded checksum: that is what ``--resume`` checks before skipping it. Checksums are XXH3-128
+(``checksum_algorithm`` in the record; runs written before it was recorded used sha256, which
+is still checked): 10 GB/s here against sha256's 1 GB/s, which cost a 2048x4096 unit 0.3 s of
+CPU for its 300 MB of FITS. They tell a complete file from a torn or altered one; they are
+not a cryptographic seal.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import xxhash
 
 from apqa.atomic import hash_file, write_json, write_parquet  # noqa: F401 (re-exported)
 from apqa.datamodel import Exposure
 from apqa.datamodel.fits_io import write_exposure as write_fits_exposure
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 UNIT_FILE = "unit.json"
 
@@ -39,15 +49,26 @@ def template_dir(out: Path, detector: int) -> Path:
     return Path(out) / "templates" / f"d{detector:02d}"
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    return hash_file(path, hashlib.sha256()).hexdigest()
+#: Checksum of the run's outputs (recorded in each unit record as ``checksum_algorithm``).
+CHECKSUM = "xxh3_128"
+
+
+def _hasher(algorithm: str) -> Hash:
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    return hashlib.new(algorithm)  # sha256 in records written before checksum_algorithm
+
+
+def checksum(path: Path, algorithm: str = CHECKSUM) -> str:
+    """Hex checksum of a file, read in 1 MiB blocks."""
+    return hash_file(path, _hasher(algorithm)).hexdigest()
 
 
 def write_exposure(exposure: Exposure, path: Path) -> str:
     """Write an exposure as FITS (atomically, as :meth:`Exposure.write_fits` always does);
-    returns the file's hex sha256, hashed as it was written (:func:`sha256` of the file)."""
-    digest = hashlib.sha256()
+    returns the file's hex checksum, hashed as it was written (:func:`checksum` of the
+    file)."""
+    digest = _hasher(CHECKSUM)
     write_fits_exposure(exposure, path, digest=digest)
     return digest.hexdigest()
 
@@ -68,8 +89,9 @@ def finished(folder: Path, inputs_key: str | None = None) -> dict | None:
         return None
     if inputs_key is not None and record.get("inputs_key") != inputs_key:
         return None
+    algorithm = record.get("checksum_algorithm", "sha256")
     for name, digest in record.get("checksums", {}).items():
         path = Path(folder) / name
-        if not path.is_file() or sha256(path) != digest:
+        if not path.is_file() or checksum(path, algorithm) != digest:
             return None
     return record

@@ -37,9 +37,10 @@ from apqa.pipeline.associate import AssociationConfig
 from apqa.pipeline.isr import run_isr
 from apqa.pipeline.run_data import REAL_KINDS, DatasetSource
 from apqa.pipeline.run_layout import (
+    CHECKSUM,
     UNIT_FILE,
+    checksum,
     finished,
-    sha256,
     template_dir,
     unit_dir,
     write_exposure,
@@ -112,7 +113,7 @@ def unit_seed(seed: int, visit: int, detector: int) -> int:
 
 
 def _checksums(folder: Path, names: list[str]) -> dict[str, str]:
-    return {name: sha256(folder / name) for name in names}
+    return {name: checksum(folder / name) for name in names}
 
 
 def inputs_key(source: DatasetSource, config: InjectRunConfig, *parts: object) -> str:
@@ -142,9 +143,10 @@ def run_template(source: DatasetSource, config: InjectRunConfig, visit: int, det
     try:
         with _one_blas_thread():
             result, _ = _load_and_process(source, config, visit, detector)
-        checksum = write_exposure(result.calexp, path)
+        digest = write_exposure(result.calexp, path)
         record = {**base, "status": "done", "timings": result.timings,
-                  "quality": result.quality, "checksums": {"calexp.fits": checksum}}
+                  "quality": result.quality, "checksums": {"calexp.fits": digest},
+                  "checksum_algorithm": CHECKSUM}
     except Exception as exc:  # the detector's units report it; other detectors go on
         (folder / "error.log").write_text(traceback.format_exc())
         record = {**base, "status": "failed", "error": _one_line(exc)}
@@ -272,6 +274,7 @@ def _process_unit(source: DatasetSource, config: InjectRunConfig, seed: int, vis
         "checksums": {**checksums, **_checksums(folder, ["fakes.parquet",
                                                          "diaSources.parquet",
                                                          "matched.parquet"])},
+        "checksum_algorithm": CHECKSUM,
     }
 
 
