@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apqa.datamodel.direct_io import StreamWriter
 from apqa.errors import InputError
 from apqa.log import get_logger
 from apqa.pipeline.alert_avro import varint
@@ -71,13 +72,16 @@ def write_avro(path: str | Path, bodies: Sequence[bytes], fmt: AlertFormat | Non
         header += [varint(len(key)), key.encode(), varint(len(value)), value]
     header += [varint(0), sync]
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as fh:
-        fh.write(b"".join(header))
+    # Past the page cache where the filesystem allows (see apqa.datamodel.direct_io): a
+    # visit's alerts are ~10 MB.
+    with StreamWriter(tmp) as out:
+        out.write(b"".join(header))
         for start in range(0, len(bodies), block_size):
             block = bodies[start:start + block_size]
-            fh.write(varint(len(block)) + varint(sum(len(b) for b in block)))
-            fh.writelines(block)
-            fh.write(sync)
+            out.write(varint(len(block)) + varint(sum(len(b) for b in block)))
+            for body in block:
+                out.write(body)
+            out.write(sync)
     # The rename makes the file appear whole or not at all if the process dies; no fsync, which
     # would triple the cost of a visit's alerts for protection against an OS crash only.
     tmp.replace(path)
