@@ -74,7 +74,8 @@ def diff(
                 status.update(f"[bold]subtracting ({algorithm})")
                 result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources,
                                                with_score=score is not None)
-        # The inputs are done with: their memory is what the written file's pages reuse.
+        # The inputs are done with. Where the output cannot be written past the page cache
+        # (see apqa.datamodel.direct_io), their memory is what its cache pages reuse.
         result.template = None
         del sci, tmp, reading
         release_free_heap()
