@@ -18,6 +18,7 @@ kernel keeps direct writes and cached reads coherent).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,8 +137,22 @@ class StreamWriter:
             self.digest.update(block)
         view = memoryview(block)
         while view.nbytes:
-            written = os.write(self.fd, view)
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                # A device whose blocks are larger than ALIGN refuses the write: go on
+                # buffered from here (the file offset has not moved).
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._buffered()
+                continue
             view = view[written:]
+
+    def _buffered(self) -> None:
+        """Switch the descriptor to ordinary (page-cache) writes."""
+        if self.direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            self.direct = False
 
     def _finish(self) -> None:
         """Write what is staged: its aligned part directly, the tail buffered."""
@@ -147,9 +162,7 @@ class StreamWriter:
             self._write_out(self.stage[:aligned])
         tail = self.stage[aligned:self.used]
         if tail.size:
-            if self.direct:
-                fcntl.fcntl(self.fd, fcntl.F_SETFL,
-                            fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            self._buffered()
             self._write_out(tail)
         self.used = 0
 

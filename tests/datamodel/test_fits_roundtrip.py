@@ -414,3 +414,30 @@ def test_buffered_fallback_writes_the_same_bytes(tmp_path, monkeypatch):
     assert (tmp_path / "buffered.fits").read_bytes() == (tmp_path / "direct.fits").read_bytes()
     assert direct_io.read_direct(tmp_path / "buffered.fits").tobytes() == (
         tmp_path / "direct.fits").read_bytes()
+
+
+def test_direct_writes_refused_mid_file_go_on_buffered(tmp_path, monkeypatch):
+    """A device with blocks larger than 4096 bytes refuses direct writes with EINVAL: the
+    writer switches to buffered writes and the file comes out the same."""
+    import errno
+    import fcntl
+
+    from apqa.datamodel import direct_io
+
+    image = np.random.default_rng(7).normal(0, 1, (1500, 1500)).astype(np.float32)
+    exposure = Exposure(image=image, variance=np.ones_like(image))
+    exposure.write_fits(tmp_path / "reference.fits")
+    real_write = os.write
+    refused = []
+
+    def picky_write(fd, data):
+        if direct_io._O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & direct_io._O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", picky_write)
+    exposure.write_fits(tmp_path / "fallback.fits")
+    assert (tmp_path / "fallback.fits").read_bytes() == (tmp_path / "reference.fits").read_bytes()
+    if direct_io._O_DIRECT and refused:  # where direct I/O was on at all
+        assert len(refused) == 1
