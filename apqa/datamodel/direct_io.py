@@ -19,7 +19,6 @@ kernel keeps direct writes and cached reads coherent).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -151,6 +150,8 @@ class StreamWriter:
     def _buffered(self) -> None:
         """Switch the descriptor to ordinary (page-cache) writes."""
         if self.direct:
+            import fcntl  # POSIX only, as O_DIRECT itself
+
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
             self.direct = False
 
