@@ -105,4 +105,3 @@ def _import_warp_if_needed(science: Future, template: Future) -> None:
             import scipy.interpolate  # noqa: F401
     except ApqaError:
         pass  # a warm-up only: the subtraction reports what is wrong with the inputs
-

@@ -121,4 +121,3 @@ def _zero_point_text(quality: dict, calexp) -> str:
         return (f"{calexp.photo_calib.zero_point:.4f} from the image's header (MAGZERO or "
                 "BUNIT); none fitted without --refcat")
     return "none: no --refcat, and no MAGZERO or flux units in the header"
-

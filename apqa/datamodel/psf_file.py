@@ -63,4 +63,3 @@ def read_psf_images(*paths: str | Path | None) -> tuple[GridPsf | None, ...]:
     """:func:`read_psf_image` of each path given, None where a path is None (the science's and
     the template's optional PSF files of ``apqa diff`` and ``apqa run``)."""
     return tuple(None if path is None else read_psf_image(path) for path in paths)
-

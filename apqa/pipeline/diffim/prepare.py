@@ -308,11 +308,10 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     if not np.isfinite(sample).any() or np.ptp(sample) == 0:
         raise StageError("image is flat or empty: no background or sources to measure")
     variance = exposure.variance
-    missing = masked & ~np.isfinite(image)
-    image[missing] = 0.0
+    # Masked pixels may be NaN for the sky (they stay NaN); zeroed after it for what follows.
     sky_level, sky_rms = subtract_binned_background(image, masked, config.background_mesh,
                                                     config.background_filter, config.binning)
-    image[missing] = 0.0
+    image[masked & ~np.isfinite(image)] = 0.0
 
     objects, segmap = _find_sources(image, variance, masked, config)
     if len(objects) == 0:

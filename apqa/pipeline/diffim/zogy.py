@@ -87,6 +87,7 @@ from apqa.pipeline.diffim.zogy_tiles import (
     _cell_bounds,
     _filter_region,
     _filter_tiles,
+    _padded_copy,
     _padded_product,
     _padded_shape,
     _Tile,
@@ -310,8 +311,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     if not tiled:
         tiles = [_Tile(kernels=_zogy_kernels(psf_n, psf_r, *kernel_args, psf_size, with_score),
                        shift=cell_psfs[0][2])]
-        buf_vn = _padded_product(var_n, np.float32(1), bad, pshape)[1]
-        buf_vr = _padded_product(var_r, np.float32(1), bad, pshape)[1]
+        buf_vn, buf_vr = _padded_copy(var_n, pshape), _padded_copy(var_r, pshape)
         diff, score, var_d, var_s = _filter_region(
             buf_n, buf_r, buf_vn, buf_vr, tiles[0].kernels, shape, config.astrometric_sigma,
             workers, with_score=with_score)

@@ -28,21 +28,24 @@ _TILE_THREADS = 2
 
 
 def _padded_shape(shape: tuple[int, int], pad: int) -> tuple[int, int]:
-    """FFT grid: the image plus ``pad`` zero pixels along each axis, rounded to a fast length.
+    """FFT grid: the image plus ``pad`` zero pixels along each axis, rounded to a fast length
+    (pocketfft's factors 2, 3, 5, 7 and 11; ``real=True`` would allow only 2, 3 and 5 and pad
+    4096 + 41 to 4320 instead of 4158).
 
     Circular convolution with a kernel of half-width h wraps pixels no further than h, so with
     ``pad >= h`` the zeros, not the opposite edge of the image, are what wraps onto the image.
     """
-    return _fast_length(shape[0] + pad), _fast_length(shape[1] + pad)
+    return sfft.next_fast_len(shape[0] + pad), sfft.next_fast_len(shape[1] + pad)
 
 
-def _fast_length(n: int) -> int:
-    """Smallest length >= n that pocketfft transforms fast: factors 2, 3, 5, 7 and 11
-    (``real=True`` would allow only 2, 3 and 5 and pad 4096 + 41 to 4320 instead of 4158)."""
-    return sfft.next_fast_len(n)
+def _padded_copy(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``values`` in the corner of a zero buffer of ``shape`` (an FFT grid)."""
+    buf = np.zeros(shape, np.float32)
+    buf[:values.shape[0], :values.shape[1]] = values
+    return buf
 
 
-def _padded_product(values: np.ndarray, weights: np.ndarray | np.float32, bad: np.ndarray,
+def _padded_product(values: np.ndarray, weights: np.ndarray, bad: np.ndarray,
                     pshape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``values * weights`` (0 on bad pixels) in a zero-padded FFT buffer of ``pshape``.
 
@@ -143,7 +146,7 @@ def _tile_length(start: int, stop: int, n: int, pad: int) -> int:
     radius the inner tiles' transforms are a sixth smaller.
     """
     at_edge = start == 0 or stop == n
-    return _fast_length(stop - start + (pad if at_edge else 0))
+    return sfft.next_fast_len(stop - start + (pad if at_edge else 0))
 
 
 def _partition(n: int, bounds: np.ndarray, blend: int) -> list[np.ndarray]:
@@ -203,11 +206,7 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
         kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size, with_score)
         region = (slice(y0, y1), slice(x0, x1))
         fshape = (_tile_length(y0, y1, height, pad), _tile_length(x0, x1, width, pad))
-        bufs = []
-        for values in (img_n, img_r, wvar_n, wvar_r):
-            buf = np.zeros(fshape, np.float32)
-            buf[:y1 - y0, :x1 - x0] = values[region]
-            bufs.append(buf)
+        bufs = [_padded_copy(values[region], fshape) for values in (img_n, img_r, wvar_n, wvar_r)]
         parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0), config.astrometric_sigma,
                                fft_workers, with_score=with_score)
         # Only the cell and its blending zone have weight: the kernel-radius margins none.
