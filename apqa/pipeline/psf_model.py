@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 from scipy.ndimage import binary_dilation
-from scipy.spatial import cKDTree
 
 from apqa.config import ConfigModel
 from apqa.datamodel import PolynomialPsf, shift_kernels
 from apqa.datamodel.psf import n_polynomial_terms, polynomial_terms
 from apqa.errors import StageError
+from apqa.pipeline.neighbours import close_pairs
 from apqa.pipeline.pixels import box_indices, boxes
 
 
@@ -48,12 +48,9 @@ def isolated_sources(sources: pd.DataFrame, radius: float,
                      max_ratio: float = 0.01) -> np.ndarray:
     """True for sources with no neighbour brighter than ``max_ratio`` of them within
     ``radius`` pixels (``sources`` needs x, y, flux)."""
-    xy = sources[["x", "y"]].to_numpy()
     flux = sources["flux"].to_numpy()
-    tree = cKDTree(xy)
-    i, j = tree.query_pairs(radius, output_type="ndarray").T if len(xy) > 1 else (
-        np.zeros(0, int), np.zeros(0, int))
-    spoiled = np.zeros(len(xy), bool)
+    i, j = close_pairs(sources["x"].to_numpy(), sources["y"].to_numpy(), radius)
+    spoiled = np.zeros(len(flux), bool)
     # A pair spoils the fainter source always and the brighter one if the ratio is large.
     spoiled[i[flux[j] > max_ratio * flux[i]]] = True
     spoiled[j[flux[i] > max_ratio * flux[j]]] = True

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from apqa.datamodel import Exposure
 from apqa.datamodel.psf import convolve_full
+from apqa.pipeline.neighbours import close_pairs
 from apqa.pipeline.pixels import boxes
 
 
@@ -42,8 +42,7 @@ def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm
     y, x = y[inside], x[inside]
     if y.size > 1:
         keep = np.ones(y.size, bool)
-        for i, j in cKDTree(np.column_stack([x, y])).query_pairs(fwhm):
-            keep[max(i, j)] = False  # the fainter of the two (sorted by decreasing S/N)
+        keep[close_pairs(x, y, fwhm)[1]] = False  # the fainter of each pair (by decreasing S/N)
         y, x = y[keep], x[keep]
     chosen: list[int] = []
     for i, (yi, xi) in enumerate(zip(y, x, strict=True)):
