@@ -23,7 +23,7 @@ import numpy as np
 from astropy.io import fits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_simulate import first_touch_seconds, timed_process
+from bench_simulate import first_touch_report, timed_process
 
 
 def _write_pair(folder: Path, height: int, width: int, shift: tuple[float, float],
@@ -96,7 +96,7 @@ def main() -> None:
               f"peak RSS {rss:.2f} GB")
         base = _fft_baseline(args.size, args.size)
         print(f"  baseline fftconvolve {args.size}x{args.size} with 21x21: {base:.2f} s; "
-              f"first touch of 1 GiB in a fresh process: {first_touch_seconds():.2f} s")
+              f"{first_touch_report()}")
         sci, tpl = _write_pair(folder, 4096, 2048, (3.3, -2.7), seed=1)
         wall, rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
                                    str(tpl), "--out", str(folder / "d_warp.fits")])

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_simulate import first_touch_seconds
+from bench_simulate import first_touch_report
 
 
 def timed_run(out: Path, *args: str) -> dict:
@@ -170,7 +170,7 @@ def run_all(root: Path, n_units: int, repeats: int = 1) -> None:
         print(f"throughput ratios over {repeats} alternated pairs: "
               + ", ".join(f"{r:.2f}x" for r in ratios)
               + f"; median {statistics.median(ratios):.2f}x")
-    print(f"first touch of 1 GiB in a fresh process: {first_touch_seconds():.2f} s")
+    print(first_touch_report())
 
 
 if __name__ == "__main__":

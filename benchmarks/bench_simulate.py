@@ -31,18 +31,28 @@ print(time.perf_counter() - start)
 """
 
 
-def first_touch_seconds(idle: float = 3.0) -> float:
+def first_touch_seconds(idle: float = 3.0, huge_pages: bool = False) -> float:
     """Seconds a fresh process takes to touch 1 GiB of new memory after ``idle`` seconds.
 
     On the project's virtual machines, memory a process frees is handed back to the host
     (free page reporting), and touching it again costs from 0.2 to over 10 s per GiB,
     changing within minutes: every benchmark that starts processes or allocates images
-    depends on it, so the benchmarks print it beside their results.
+    depends on it, so the benchmarks print it beside their results. ``huge_pages`` asks for
+    transparent huge pages as numpy does by default; apqa's own processes use 4 KiB pages
+    (:mod:`apqa.allocator`), which were several times cheaper here (0.64-0.68 s against
+    2.6-3.0 s per GiB, measured alternately in session 13).
     """
     time.sleep(idle)
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "1" if huge_pages else "0"}
     out = subprocess.run([sys.executable, "-c", FIRST_TOUCH_PROBE], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     return float(out.stdout)
+
+
+def first_touch_report() -> str:
+    """Both first-touch costs, for a benchmark's header line."""
+    return (f"first touch of 1 GiB in a fresh process: {first_touch_seconds():.2f} s "
+            f"(4 KiB pages), {first_touch_seconds(huge_pages=True):.2f} s (huge pages)")
 
 
 def timed_process(args: list[str]) -> tuple[float, float]:
