@@ -16,8 +16,9 @@ from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
 from apqa.errors import StageError
 from apqa.log import get_logger
-from apqa.pipeline.detect import detect_sources, windowed_moments
+from apqa.pipeline.detect import detect_sources
 from apqa.pipeline.isr import estimate_fwhm
+from apqa.pipeline.moments import windowed_moments
 from apqa.pipeline.photometry import aperture_correction, aperture_flux, psf_flux
 from apqa.pipeline.pixels import any_in_box, bin_sum, grow_square, upsample
 from apqa.pipeline.psf_model import (
@@ -177,25 +178,30 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
         sources, segmap = detect_and_measure(sub, variance, masked, flagged, fwhm, pass_config)
         grow = max(1, round(config.mask_grow_fwhm * fwhm))
         source_mask = grow_square(segmap > 0, grow)
+        # Source i's footprint is label i + 1 in the segmentation map.
         candidates = psf_star_candidates(sources, fwhm, config.psf)
-        fit = fit_psf(sub, variance, candidates, fwhm, image.shape, config.psf, labels=segmap)
+        fit = fit_psf(sub, variance, sources["x"].to_numpy()[candidates],
+                      sources["y"].to_numpy()[candidates], fwhm, image.shape, config.psf,
+                      labels=segmap, label_ids=candidates + 1)
         fwhm = fit.psf.fwhm
         log.debug("characterize iteration %d: %d sources, %d PSF stars, FWHM %.3f px",
-                  iteration, len(sources), int(fit.stars["psf_used"].sum()), fwhm)
+                  iteration, len(sources), int(fit.used.sum()), fwhm)
     assert fit is not None
 
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
     flux, flux_err, chi2, ndata = psf_flux(sub, variance, usable, fit.psf, sources["x"],
                                            sources["y"])
-    used = fit.stars.index[fit.stars["psf_used"]]
-    ap_corr, ap_corr_err = aperture_correction(flux[used], sources.loc[used, "apFlux"],
-                                               sources.loc[used, "apFluxErr"])
+    used = candidates[fit.used]  # row positions
+    ap_corr, ap_corr_err = aperture_correction(flux[used],
+                                               sources["apFlux"].to_numpy()[used],
+                                               sources["apFluxErr"].to_numpy()[used])
     sources["psfFlux"] = flux * ap_corr
     sources["psfFluxErr"] = flux_err * ap_corr
     sources["psfChi2"] = chi2
     sources["psfNdata"] = ndata
-    sources["calib_psf_used"] = sources.index.isin(used)
-    sources["calib_psf_candidate"] = sources.index.isin(fit.stars.index)
+    rows = np.arange(len(sources))
+    sources["calib_psf_used"] = np.isin(rows, used)
+    sources["calib_psf_candidate"] = np.isin(rows, candidates)
     sources["isolated"] = isolated_sources(sources, config.psf.isolation_fwhm * fwhm)
     # Extended sources lose light in a PSF fit compared with the large aperture.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -213,7 +219,7 @@ def characterize(exposure: Exposure, config: CharacterizeConfig | None = None
     quality = {
         "psf_fwhm_px": fwhm,
         "psf_residual_chi2": fit.residual_chi2,
-        "n_psf_stars": float(fit.stars["psf_used"].sum()),
+        "n_psf_stars": float(fit.used.sum()),
         "n_psf_candidates": float(fit.n_candidates),
         "background_rms": float(bkg.globalrms),
         "background_level": float(bkg.globalback),

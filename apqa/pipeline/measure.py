@@ -23,8 +23,9 @@ from pydantic import Field
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, psf_stamps
 from apqa.datamodel.apdb_schema import conform, empty_table
-from apqa.pipeline.detect import DiaDetections, stamp_moments, windowed_moments
+from apqa.pipeline.detect import DiaDetections
 from apqa.pipeline.dipole import fit_dipole
+from apqa.pipeline.moments import stamp_moments, windowed_moments
 from apqa.pipeline.photometry import aperture_flux, psf_fit_centroid, psf_flux
 from apqa.pipeline.pixels import boxes
 from apqa.pipeline.reliability import RELIABILITY_VERSION, reliability_score

@@ -1,11 +1,17 @@
-"""PSF star selection and a PSFEx-like spatially varying pixel-basis PSF model."""
+"""PSF star selection and a PSFEx-like spatially varying pixel-basis PSF model.
+
+Source lists are taken as columns (a pandas DataFrame, or a dict of numpy arrays as
+``apqa diff``'s preparation keeps them: pandas costs a quarter of a second to import) and
+stars are named by their row positions.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 from scipy.ndimage import binary_dilation
 
@@ -34,22 +40,30 @@ class PsfModelConfig(ConfigModel):
     n_clip: int = Field(3, ge=0)
 
 
+#: A source list by columns: a DataFrame or a dict of equal-length arrays.
+Columns = Mapping[str, Any]
+
+
 @dataclass
 class PsfFitResult:
-    """The model, the stars used, and how well it describes them."""
+    """The model, how each candidate star fared, and how well the model describes them."""
 
     psf: PolynomialPsf
-    stars: pd.DataFrame  # the sources used, with their chi2/dof
+    chi2: np.ndarray  # chi^2/dof of each candidate against the model
+    used: np.ndarray  # bool: the candidate is one of the stars the model rests on
     n_candidates: int
     residual_chi2: float  # median chi^2/dof of the PSF stars
 
 
-def isolated_sources(sources: pd.DataFrame, radius: float,
-                     max_ratio: float = 0.01) -> np.ndarray:
+def _column(sources: Columns, name: str, dtype: type = float) -> np.ndarray:
+    return np.asarray(sources[name], dtype)
+
+
+def isolated_sources(sources: Columns, radius: float, max_ratio: float = 0.01) -> np.ndarray:
     """True for sources with no neighbour brighter than ``max_ratio`` of them within
     ``radius`` pixels (``sources`` needs x, y, flux)."""
-    flux = sources["flux"].to_numpy()
-    i, j = close_pairs(sources["x"].to_numpy(), sources["y"].to_numpy(), radius)
+    flux = _column(sources, "flux")
+    i, j = close_pairs(_column(sources, "x"), _column(sources, "y"), radius)
     spoiled = np.zeros(len(flux), bool)
     # A pair spoils the fainter source always and the brighter one if the ratio is large.
     spoiled[i[flux[j] > max_ratio * flux[i]]] = True
@@ -57,22 +71,21 @@ def isolated_sources(sources: pd.DataFrame, radius: float,
     return ~spoiled
 
 
-def select_psf_candidates(sources: pd.DataFrame, fwhm: float,
-                          config: PsfModelConfig) -> pd.DataFrame:
-    """Bright, unflagged, isolated point-like sources.
+def select_psf_candidates(sources: Columns, fwhm: float, config: PsfModelConfig) -> np.ndarray:
+    """Row positions of the bright, unflagged, isolated point-like sources, brightest first.
 
     ``sources`` needs x, y, snr, flux, ixx, iyy and a boolean ``bad_pixels`` column (saturated,
     bad, cosmic-ray or interpolated pixels nearby).
     """
-    ok = ((sources["snr"] > config.min_snr) & (sources["snr"] < config.max_snr)
-          & ~sources["bad_pixels"] & (sources["flux"] > 0))
-    isolated = isolated_sources(sources, config.isolation_fwhm * fwhm)
-    cand = sources[ok & isolated]
-    if len(cand) < 3:
+    snr = _column(sources, "snr")
+    ok = ((snr > config.min_snr) & (snr < config.max_snr)
+          & ~_column(sources, "bad_pixels", bool) & (_column(sources, "flux") > 0))
+    cand = np.nonzero(ok & isolated_sources(sources, config.isolation_fwhm * fwhm))[0]
+    if cand.size < 3:
         return cand
     # The stellar locus is the first tight cluster from the small end: stars share one size,
     # galaxies spread over many larger ones (and may outnumber them), cosmic rays are gone.
-    size = cand["ixx"].to_numpy() + cand["iyy"].to_numpy()
+    size = _column(sources, "ixx")[cand] + _column(sources, "iyy")[cand]
     ordered = np.sort(size)
     upper = np.searchsorted(ordered, ordered * (1 + config.size_tolerance), side="right")
     members = upper - np.arange(ordered.size)
@@ -81,12 +94,10 @@ def select_psf_candidates(sources: pd.DataFrame, fwhm: float,
         np.argmax(members))
     locus = float(np.median(ordered[start:upper[start]]))
     cand = cand[np.abs(size / locus - 1) < config.size_tolerance]
-    cand = cand.sort_values("snr", ascending=False).head(config.max_stars)
-    return cand
+    return cand[np.argsort(-snr[cand], kind="stable")][:config.max_stars]
 
 
-def psf_star_candidates(sources: pd.DataFrame, fwhm: float,
-                        config: PsfModelConfig) -> pd.DataFrame:
+def psf_star_candidates(sources: Columns, fwhm: float, config: PsfModelConfig) -> np.ndarray:
     """:func:`select_psf_candidates`, and when that leaves fewer than twice ``min_stars``
     (small images, sparse fields), again accepting fainter (S/N 15) and less isolated (2 FWHM)
     stars."""
@@ -99,7 +110,7 @@ def psf_star_candidates(sources: pd.DataFrame, fwhm: float,
 
 
 def _star_stamps(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndarray,
-                 half: int, labels: np.ndarray | None, own: np.ndarray) -> tuple[np.ndarray, ...]:
+                 half: int, labels: Any, own: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Stamps shifted so each star sits at the centre of its central pixel, their variances,
     and the pixels to ignore: other sources' footprints (``labels`` other than ``own``) and
     pixels without a finite variance. Masks are not shifted (at most half a pixel off)."""
@@ -111,10 +122,10 @@ def _star_stamps(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.n
     centred = shift_kernels(data, -(x - ix), -(y - iy)).astype(np.float64)
     core = slice(pad, pad + 2 * half + 1)
     ignore = ~np.isfinite(var)
-    if labels is not None:
+    if labels is not None and own is not None:
         # A label map may be a lookup (prepare's binned map): it is indexed by pixel arrays.
         window = labels[box_indices(ix, iy, big, image.shape)]
-        ignore |= (window > 0) & (window != own[:, None, None])
+        ignore |= (window > 0) & (window != np.asarray(own)[:, None, None])
     return centred[:, core, core], var[:, core, core], ignore[:, core, core]
 
 
@@ -133,17 +144,18 @@ def _fit_flux_and_pedestal(stamps: np.ndarray, var: np.ndarray, model: np.ndarra
     return flux, pedestal
 
 
-def fit_psf(image: np.ndarray, variance: np.ndarray, candidates: pd.DataFrame, fwhm: float,
-            shape: tuple[int, int], config: PsfModelConfig | None = None,
-            labels: np.ndarray | None = None) -> PsfFitResult:
+def fit_psf(image: np.ndarray, variance: np.ndarray, x: np.ndarray, y: np.ndarray,
+            fwhm: float, shape: tuple[int, int], config: PsfModelConfig | None = None,
+            labels: Any = None, label_ids: np.ndarray | None = None) -> PsfFitResult:
     """Fit a :class:`~apqa.datamodel.PolynomialPsf` to background-subtracted star images.
 
-    Each star is shifted to the centre of its central pixel (Fourier shift) and described as
-    ``flux * model + pedestal``; every kernel pixel is a polynomial of position fitted by
-    inverse-variance weighted least squares over the stars. Pixels in other sources' footprints
-    (``labels``: a segmentation map whose label for candidate ``i`` is ``i + 1``, ``i`` its
-    index) and pixels deviating by more than ``clip_sigma`` are ignored, and stars with outlying
-    chi^2 are dropped; the fit is repeated until nothing changes.
+    Each star (centred at ``x``, ``y``) is shifted to the centre of its central pixel (Fourier
+    shift) and described as ``flux * model + pedestal``; every kernel pixel is a polynomial of
+    position fitted by inverse-variance weighted least squares over the stars. Pixels in other
+    sources' footprints (``labels``: a segmentation map, or a lookup indexed by pixel arrays,
+    in which star ``i``'s own footprint is ``label_ids[i]``) and pixels deviating by more than
+    ``clip_sigma`` are ignored, and stars with outlying chi^2 are dropped; the fit is repeated
+    until nothing changes.
 
     Raises
     ------
@@ -153,14 +165,14 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, candidates: pd.DataFrame, f
     config = config or PsfModelConfig()
     half = int(np.clip(np.ceil(config.stamp_radius_fwhm * fwhm), config.min_half_size,
                        config.max_half_size))
-    n_candidates = len(candidates)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n_candidates = x.size
     if n_candidates < config.min_stars:
         raise StageError(f"too few PSF stars: found {n_candidates} isolated, unsaturated "
                          f"stars with S/N > {config.min_snr:g}, need at least {config.min_stars}")
-    x = candidates["x"].to_numpy(float)
-    y = candidates["y"].to_numpy(float)
-    stamps, var, ignore = _star_stamps(image, variance, x, y, half, labels,
-                                       candidates.index.to_numpy() + 1)
+    if labels is not None and label_ids is None:
+        raise ValueError("fit_psf: labels need the stars' own label_ids")
+    stamps, var, ignore = _star_stamps(image, variance, x, y, half, labels, label_ids)
     k = 2 * half + 1
     ignore = binary_dilation(ignore, structure=np.ones((1, 3, 3), bool), iterations=1)
     ignore[:, half, half] = False
@@ -212,8 +224,7 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, candidates: pd.DataFrame, f
             break
         keep, clipped = new_keep, new_clipped
     psf = PolynomialPsf(width, height, coeffs, order)
-    stars = candidates.assign(psf_chi2=chi2, psf_used=keep)
-    return PsfFitResult(psf, stars, n_candidates, float(np.median(chi2[keep])))
+    return PsfFitResult(psf, chi2, keep, n_candidates, float(np.median(chi2[keep])))
 
 
 def _weighted_pixel_fit(stamps: np.ndarray, var: np.ndarray, ignore: np.ndarray,

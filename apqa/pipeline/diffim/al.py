@@ -10,10 +10,11 @@ Pixels within the kernel's reach of the border or of missing data are masked EDG
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.fft as sfft
 from pydantic import Field
 
@@ -99,9 +100,9 @@ def _weighted_sum(a: np.ndarray, wa: np.float32, b: np.ndarray, wb: np.float32) 
     return out
 
 
-def _detect_candidates(target: Exposure) -> pd.DataFrame:
+def _detect_candidates(target: Exposure) -> dict[str, np.ndarray]:
     """Sources of the target image (x, y, snr), found on binned pixels."""
-    return find_bright_sources(target)[["x", "y", "snr"]]
+    return find_bright_sources(target)
 
 
 def warp_kernel(exposure: Exposure) -> str | None:
@@ -300,7 +301,7 @@ def _sampled(array: np.ndarray, step: int = 4) -> np.ndarray:
 
 
 def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
-                candidates: pd.DataFrame | None = None) -> DiffimResult:
+                candidates: Mapping[str, Any] | None = None) -> DiffimResult:
     """Difference ``science - matched template`` in science flux units, decorrelated.
 
     Both exposures must be on the same pixel grid, background-subtracted, with PSF models and

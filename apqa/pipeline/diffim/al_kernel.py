@@ -14,10 +14,11 @@ the normal equations follow from each stamp's small Gram matrix of its convolved
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 from apqa.datamodel import Exposure
@@ -145,15 +146,15 @@ def spatial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     return np.stack(terms, axis=-1)
 
 
-def select_candidates(candidates: pd.DataFrame, target: Exposure, other: Exposure,
+def select_candidates(candidates: Mapping[str, Any], target: Exposure, other: Exposure,
                       stamp_half: int, fit_half: int, min_snr: float, max_snr: float,
                       cell_size: int, per_cell: int, max_candidates: int
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Clean candidates spread over the image: up to ``per_cell`` per grid cell, brightest
     first, none whose stamp (half-size ``stamp_half``) touches a flagged pixel in either image
     and none with an injected fake within ``fit_half`` (the stamp the kernel is fitted on)."""
-    snr = candidates["snr"].to_numpy(float)
-    x, y = candidates["x"].to_numpy(float), candidates["y"].to_numpy(float)
+    snr = np.asarray(candidates["snr"], float)
+    x, y = np.asarray(candidates["x"], float), np.asarray(candidates["y"], float)
     margin = stamp_half + 2
     ok = ((snr >= min_snr) & (snr < max_snr) & (x > margin) & (y > margin)
           & (x < target.width - 1 - margin) & (y < target.height - 1 - margin))

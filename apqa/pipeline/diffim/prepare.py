@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import sep
 from pydantic import Field
 from scipy.ndimage import binary_dilation, label
@@ -31,8 +30,8 @@ from apqa.pipeline.cosmic_rays import (
     detect_cosmic_rays,
     sharpest_star_contrast,
 )
-from apqa.pipeline.detect import windowed_moments
 from apqa.pipeline.interpolate import interpolate_masked
+from apqa.pipeline.moments import windowed_moments
 from apqa.pipeline.photometry import aperture_correction, psf_flux
 from apqa.pipeline.pixels import any_in_box, bin_sum, boxes, upsample
 from apqa.pipeline.psf_model import PsfModelConfig, fit_psf, psf_star_candidates
@@ -67,7 +66,9 @@ class PreparedImage:
     """A background-subtracted exposure with its PSF, the sources measured, quality numbers."""
 
     exposure: Exposure
-    sources: pd.DataFrame  # x, y, snr, flux, ixx, iyy, ixy, bad_pixels, psf_used
+    # Columns of equal length: x, y, snr, flux, apFlux, apFluxErr, ixx, iyy, ixy,
+    # bad_pixels, label (the source's footprint in the segmentation map), psf_used.
+    sources: dict[str, np.ndarray]
     quality: dict[str, float] = field(default_factory=dict)
 
 
@@ -98,7 +99,7 @@ def _saturation(exposure: Exposure, grow: int) -> tuple[np.ndarray, np.ndarray] 
 
 
 def _find_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
-                  config: PrepareConfig) -> tuple[pd.DataFrame, np.ndarray]:
+                  config: PrepareConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Footprints of binned pixels above threshold (at least two connected pixels) and their
     sums: position, second moments, flux and S/N in binned pixels; and the label image."""
     factor = config.binning
@@ -110,7 +111,7 @@ def _find_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
         above = (data > config.detection_threshold * np.sqrt(var)) & ~bad
     labels, n = label(above)
     if n == 0:
-        return pd.DataFrame(columns=["x", "y", "x2", "y2", "flux", "snr", "npix"]), labels
+        return {name: np.zeros(0) for name in ("x", "y", "x2", "y2", "flux", "snr", "npix")}, labels
     index = labels.ravel()
     on = index > 0
     index = index[on]
@@ -128,8 +129,7 @@ def _find_sources(image: np.ndarray, variance: np.ndarray, masked: np.ndarray,
     x2 = total(weight * xx * xx) / wsum - x * x
     y2 = total(weight * yy * yy) / wsum - y * y
     snr = flux / np.sqrt(np.maximum(total(var.ravel()[on].astype(np.float64)), 1e-30))
-    objects = pd.DataFrame({"x": x, "y": y, "x2": x2, "y2": y2, "flux": flux, "snr": snr,
-                            "npix": npix})
+    objects = {"x": x, "y": y, "x2": x2, "y2": y2, "flux": flux, "snr": snr, "npix": npix}
     # Single noise pixels are not sources; drop them from the catalog and the footprints.
     single = np.r_[False, npix < 2]
     labels[single[labels]] = 0
@@ -174,18 +174,18 @@ def _centroids(image: np.ndarray, masked: np.ndarray, x: np.ndarray, y: np.ndarr
 
 
 def _measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, flagged: np.ndarray,
-             objects: pd.DataFrame, config: PrepareConfig) -> tuple[pd.DataFrame, float]:
+             objects: dict[str, np.ndarray], config: PrepareConfig
+             ) -> tuple[dict[str, np.ndarray], float]:
     """Full-resolution positions, aperture fluxes and windowed moments of the sources bright
     enough to matter, and the stellar FWHM (pixels) from their sizes."""
     factor = config.binning
-    keep = np.nonzero(objects["snr"].to_numpy() >= config.min_snr)[0]
-    bright = objects["snr"].to_numpy()[keep] > 3 * config.min_snr
-    x = factor * objects["x"].to_numpy()[keep] + (factor - 1) / 2
-    y = factor * objects["y"].to_numpy()[keep] + (factor - 1) / 2
+    keep = np.nonzero(objects["snr"] >= config.min_snr)[0]
+    bright = objects["snr"][keep] > 3 * config.min_snr
+    x = factor * objects["x"][keep] + (factor - 1) / 2
+    y = factor * objects["y"][keep] + (factor - 1) / 2
     # Binned second moments, deconvolved from the box of the binning, give a first size
     # (footprints cut at the threshold make it small: the windowed moments correct it).
-    sigma_b = np.sqrt(np.clip(factor**2 * (objects["x2"].to_numpy()[keep]
-                                           + objects["y2"].to_numpy()[keep]) / 2
+    sigma_b = np.sqrt(np.clip(factor**2 * (objects["x2"][keep] + objects["y2"][keep]) / 2
                               - (factor**2 - 1) / 12, 0.25, None))
     sigma = float(np.percentile(sigma_b[bright], 35)) if bright.sum() >= 5 else float(
         np.median(sigma_b)) if sigma_b.size else 1.5
@@ -206,51 +206,48 @@ def _measure(image: np.ndarray, variance: np.ndarray, masked: np.ndarray, flagge
     flux, flux_err, ap_flag = sep.sum_circle(image, x, y, config.calibration_aperture_fwhm * fwhm,
                                              var=variance, mask=masked, subpix=0)
     snr = flux / np.where(flux_err > 0, flux_err, np.inf)
-    sources = pd.DataFrame({
+    sources = {
         "x": x, "y": y, "flux": flux, "apFlux": flux, "apFluxErr": flux_err, "snr": snr,
         "ixx": ixx, "iyy": iyy, "ixy": ixy,
         "bad_pixels": any_in_box(flagged, x, y, max(1, int(2 * fwhm))) | (ap_flag != 0)
         | ~np.isfinite(ixx),
         "label": keep + 1,  # the source's label in the segmentation map
-    })
+    }
     return sources, fwhm
 
 
 def find_bright_sources(exposure: Exposure, config: PrepareConfig | None = None
-                        ) -> pd.DataFrame:
+                        ) -> dict[str, np.ndarray]:
     """Sources of a background-subtracted exposure above ``config.min_snr``, found on binned
-    pixels and measured at full resolution (x, y, snr, flux, moments, ``bad_pixels``).
+    pixels and measured at full resolution: columns x, y, snr, flux, moments, ``bad_pixels``.
 
     Examples
     --------
     >>> stars = find_bright_sources(calexp)  # doctest: +SKIP
-    >>> stars[stars["snr"] > 10][["x", "y"]]  # doctest: +SKIP
+    >>> stars["x"][stars["snr"] > 10]  # doctest: +SKIP
     """
     config = config or PrepareConfig()
     masked = exposure.mask.is_set(["NO_DATA", "BAD", "SAT"])
     image = np.ascontiguousarray(exposure.image, np.float32)
     objects, _ = _find_sources(image, exposure.variance, masked, config)
-    if len(objects) == 0:
-        return pd.DataFrame(columns=["x", "y", "snr"])
+    if objects["x"].size == 0:
+        return {name: np.zeros(0) for name in ("x", "y", "snr")}
     flagged = exposure.mask.is_set([p for p in _FLAGGED if p in exposure.mask.planes])
     sources, _ = _measure(image, exposure.variance, masked, flagged, objects, config)
     return sources
 
 
-def _psf_model(image: np.ndarray, variance: np.ndarray, sources: pd.DataFrame,
+def _psf_model(image: np.ndarray, variance: np.ndarray, sources: dict[str, np.ndarray],
                segmap: np.ndarray, fwhm: float, config: PrepareConfig
-               ) -> tuple[Psf, pd.Index, float, bool]:
-    """PSF model fitted on the bright isolated point sources: (psf, index of the sources it
-    used, residual chi^2, whether it is the Moffat fallback)."""
+               ) -> tuple[Psf, np.ndarray, float, bool]:
+    """PSF model fitted on the bright isolated point sources: (psf, row positions of the
+    sources it used, residual chi^2, whether it is the Moffat fallback)."""
     candidates = psf_star_candidates(sources, fwhm, config.psf)
-    # fit_psf ignores pixels of footprints other than the star's own, which it expects to be
-    # labelled (catalog index + 1); every other footprint gets one label no star has.
-    relabel = np.full(int(segmap.max()) + 1, len(sources) + 1, np.int64)
-    relabel[0] = 0
-    relabel[sources.loc[candidates.index, "label"].to_numpy()] = candidates.index + 1
-    labels = _BinnedLabels(relabel[segmap], config.binning)
-    fit = fit_psf(image, variance, candidates, fwhm, image.shape, config.psf, labels=labels)
-    used = fit.stars.index[fit.stars["psf_used"]]
+    # fit_psf ignores pixels of footprints other than the star's own (its segmap label).
+    fit = fit_psf(image, variance, sources["x"][candidates], sources["y"][candidates], fwhm,
+                  image.shape, config.psf, labels=_BinnedLabels(segmap, config.binning),
+                  label_ids=sources["label"][candidates])
+    used = candidates[fit.used]
     if np.isfinite(fit.psf.fwhm):
         return fit.psf, used, fit.residual_chi2, False
     # No shape to measure: the few "stars" were noise-dominated or galaxies (a deep
@@ -314,7 +311,7 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     image[masked & ~np.isfinite(image)] = 0.0
 
     objects, segmap = _find_sources(image, variance, masked, config)
-    if len(objects) == 0:
+    if objects["x"].size == 0:
         raise StageError("no sources found: PSF matching needs stars")
     sources, fwhm = _measure(image, variance, masked, mask.is_set(list(_FLAGGED)), objects,
                              config)
@@ -322,8 +319,8 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
     if config.cosmic_rays:
         # Stars' own cores bound what counts as too sharp: a core on broad wings is much
         # peakier than the FWHM from moments says, and must not be taken for cosmic rays.
-        bright = sources[(sources["snr"] >= _CORE_SNR) & ~sources["bad_pixels"]]
-        sharpest = sharpest_star_contrast(image, bright["x"], bright["y"])
+        core = (sources["snr"] >= _CORE_SNR) & ~sources["bad_pixels"]
+        sharpest = sharpest_star_contrast(image, sources["x"][core], sources["y"][core])
         if psf is not None:
             kernel = psf.image_at((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2)
             sharpest = max(sharpest, sharpest_star_contrast(kernel, [kernel.shape[1] // 2],
@@ -336,8 +333,8 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
             fill = crs | mask.is_set(["BAD", "SAT"])
             image = interpolate_masked(image, fill | mask.is_set("NO_DATA"), targets=fill)
             mask.set("INTRP", fill)
-            sources["bad_pixels"] |= any_in_box(crs, sources["x"].to_numpy(),
-                                                sources["y"].to_numpy(), max(1, int(2 * fwhm)))
+            sources["bad_pixels"] |= any_in_box(crs, sources["x"], sources["y"],
+                                                max(1, int(2 * fwhm)))
     grown = binary_dilation(segmap > 0, iterations=1)
     mask.set("DETECTED", upsample(grown, config.binning, image.shape))
 
@@ -345,14 +342,15 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         psf, used, residual_chi2, psf_fallback = _psf_model(image, variance, sources, segmap,
                                                             fwhm, config)
     else:  # given: its aperture correction is measured on the stars a fit would have used
-        used = psf_star_candidates(sources, fwhm, config.psf).index
+        used = psf_star_candidates(sources, fwhm, config.psf)
         residual_chi2, psf_fallback = float("nan"), False
     usable = ~mask.is_set(["NO_DATA", "BAD", "SAT", "CR"])
-    star_flux, _, _, _ = psf_flux(image, variance, usable, psf,
-                                  sources.loc[used, "x"], sources.loc[used, "y"])
-    ap_corr, ap_corr_err = aperture_correction(star_flux, sources.loc[used, "apFlux"],
-                                               sources.loc[used, "apFluxErr"])
-    sources["psf_used"] = sources.index.isin(used)
+    star_flux, _, _, _ = psf_flux(image, variance, usable, psf, sources["x"][used],
+                                  sources["y"][used])
+    ap_corr, ap_corr_err = aperture_correction(star_flux, sources["apFlux"][used],
+                                               sources["apFluxErr"][used])
+    sources["psf_used"] = np.zeros(sources["x"].size, bool)
+    sources["psf_used"][used] = True
     metadata = exposure.metadata.copy()
     metadata["APCORR"] = (float(ap_corr), "aperture correction of PSF fluxes")
     metadata["FWHMEST"] = (fwhm, "[px] FWHM from the sizes of bright sources")
@@ -367,7 +365,7 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         "psf_fallback": float(psf_fallback),
         "psf_residual_chi2": residual_chi2,
         "n_psf_stars": float(len(used)),
-        "n_sources": float(len(sources)),
+        "n_sources": float(sources["x"].size),
         "background_rms": sky_rms,
         "background_level": sky_level,
         "cr_pixels": float(n_cr),

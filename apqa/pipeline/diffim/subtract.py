@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from apqa.config import ConfigModel
@@ -26,6 +25,8 @@ from apqa.pipeline.diffim.warp import WarpConfig, is_aligned, warp_exposure
 from apqa.pipeline.diffim.zogy import ZogyConfig, zogy_subtract
 
 log = get_logger(__name__)
+#: A source list by columns (x, y, snr of the science image's stars: AL's kernel candidates).
+Sources = dict[str, np.ndarray]
 
 
 class DiffConfig(ConfigModel):
@@ -40,7 +41,7 @@ class DiffConfig(ConfigModel):
 
 def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
                      overwrite_input: bool = False, psf: Psf | None = None
-                     ) -> tuple[Exposure, pd.DataFrame | None]:
+                     ) -> tuple[Exposure, Sources | None]:
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) or a template warped
@@ -65,7 +66,7 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
         raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
                          "(it needs a bias and a flat)")
     prepared = prepare_for_difference(exposure, config.prepare, overwrite_input, psf)
-    return prepared.exposure, prepared.sources[["x", "y", "snr"]]
+    return prepared.exposure, {name: prepared.sources[name] for name in ("x", "y", "snr")}
 
 
 def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) -> float:
@@ -88,7 +89,7 @@ def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) ->
 def prepare_pair(science: Exposure | Callable[[], Exposure],
                  template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None,
                  psfs: tuple[Psf | None, Psf | None] = (None, None)
-                 ) -> tuple[Exposure, Exposure, pd.DataFrame | None]:
+                 ) -> tuple[Exposure, Exposure, Sources | None]:
     """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
     and FFT calls release the GIL), returning the science sources too.
 
@@ -98,7 +99,7 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
     template's own PSF models where given.
     """
     def load_and_prepare(image: Exposure | Callable[[], Exposure], psf: Psf | None
-                         ) -> tuple[Exposure, pd.DataFrame | None]:
+                         ) -> tuple[Exposure, Sources | None]:
         if isinstance(image, Exposure):
             return prepare_exposure(image, config, psf=psf)
         return prepare_exposure(image(), config, overwrite_input=True, psf=psf)
@@ -111,7 +112,7 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
 
 
 def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = None,
-             science_sources: pd.DataFrame | None = None, with_score: bool = True
+             science_sources: Sources | None = None, with_score: bool = True
              ) -> tuple[DiffimResult, np.ndarray | None]:
     """Difference of two prepared exposures (see :func:`prepare_exposure`).
 
