@@ -180,6 +180,18 @@ def test_input_bytes_counts_the_files_read_not_the_outputs(tmp_path):
     assert _input_bytes([f"--out={tmp_path / 'd.fits'}", str(tmp_path / "a.fits")]) == 100
 
 
+def test_diff_imports_no_pandas_or_scipy_spatial():
+    # apqa diff is timed whole: pandas (with pyarrow) and scipy.spatial cost it 0.25 s and
+    # 0.09 s of start-up, so the command and everything it runs must do without them.
+    code = ("import sys; from apqa.cli.app import main; import apqa.cli.diff; "
+            "from apqa.pipeline.diffim import subtract, warp, zogy; "
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'scipy.spatial') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 DECAM = "decam-mini"
 NIRCAM = "jwst-nircam"
 REAL_PAIRS = {
