@@ -100,11 +100,6 @@ def _weighted_sum(a: np.ndarray, wa: np.float32, b: np.ndarray, wb: np.float32) 
     return out
 
 
-def _detect_candidates(target: Exposure) -> dict[str, np.ndarray]:
-    """Sources of the target image (x, y, snr), found on binned pixels."""
-    return find_bright_sources(target)
-
-
 def warp_kernel(exposure: Exposure) -> str | None:
     """The resampling kernel of a warped exposure (its noise is correlated), else None."""
     meta = exposure.metadata
@@ -335,7 +330,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     basis = gaussian_poly_basis(sigmas, config.basis_degrees, half)
     stamp_half = half + int(np.ceil(max(fwhm_s, fwhm_t)))
     if candidates is None:
-        candidates = _detect_candidates(target)
+        candidates = find_bright_sources(target)  # x, y, snr found on binned pixels
     ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
                                config.candidate_min_snr, config.candidate_max_snr,
                                config.cell_size, config.per_cell, config.max_candidates)
