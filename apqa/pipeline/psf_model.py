@@ -1,13 +1,11 @@
 """PSF star selection and a PSFEx-like spatially varying pixel-basis PSF model.
 
-Source lists are taken as columns (a pandas DataFrame, or a dict of numpy arrays as
-``apqa diff``'s preparation keeps them: pandas costs a quarter of a second to import) and
-stars are named by their row positions.
+Source lists are taken as :data:`~apqa.datamodel.columns.Columns` (a DataFrame or a dict of
+numpy arrays) and stars are named by their row positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ from scipy.ndimage import binary_dilation
 
 from apqa.config import ConfigModel
 from apqa.datamodel import PolynomialPsf, shift_kernels
+from apqa.datamodel.columns import Columns
 from apqa.datamodel.psf import n_polynomial_terms, polynomial_terms
 from apqa.errors import StageError
 from apqa.pipeline.neighbours import close_pairs
@@ -38,10 +37,6 @@ class PsfModelConfig(ConfigModel):
     order: int = Field(2, ge=0, le=4, description="polynomial order of the spatial variation")
     clip_sigma: float = Field(4.0, gt=0)
     n_clip: int = Field(3, ge=0)
-
-
-#: A source list by columns: a DataFrame or a dict of equal-length arrays.
-Columns = Mapping[str, Any]
 
 
 @dataclass

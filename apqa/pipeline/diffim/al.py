@@ -10,9 +10,7 @@ Pixels within the kernel's reach of the border or of missing data are masked EDG
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
@@ -21,6 +19,7 @@ from pydantic import Field
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure, GridPsf, Mask, PolynomialPsf, Psf
 from apqa.datamodel.blocks import row_blocks
+from apqa.datamodel.columns import Columns
 from apqa.datamodel.psf import convolve_full
 from apqa.errors import StageError
 from apqa.pipeline.background import subtract_binned_background
@@ -296,7 +295,7 @@ def _sampled(array: np.ndarray, step: int = 4) -> np.ndarray:
 
 
 def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
-                candidates: Mapping[str, Any] | None = None) -> DiffimResult:
+                candidates: Columns | None = None) -> DiffimResult:
     """Difference ``science - matched template`` in science flux units, decorrelated.
 
     Both exposures must be on the same pixel grid, background-subtracted, with PSF models and

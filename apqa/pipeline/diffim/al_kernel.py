@@ -14,14 +14,13 @@ the normal equations follow from each stamp's small Gram matrix of its convolved
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from apqa.datamodel import Exposure
+from apqa.datamodel.columns import Columns
 from apqa.errors import StageError
 from apqa.pipeline.pixels import boxes
 
@@ -146,7 +145,7 @@ def spatial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     return np.stack(terms, axis=-1)
 
 
-def select_candidates(candidates: Mapping[str, Any], target: Exposure, other: Exposure,
+def select_candidates(candidates: Columns, target: Exposure, other: Exposure,
                       stamp_half: int, fit_half: int, min_snr: float, max_snr: float,
                       cell_size: int, per_cell: int, max_candidates: int
                       ) -> tuple[np.ndarray, np.ndarray]:

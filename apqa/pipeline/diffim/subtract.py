@@ -16,6 +16,7 @@ from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel import Exposure
+from apqa.datamodel.columns import Columns
 from apqa.datamodel.psf import Psf
 from apqa.errors import InputError
 from apqa.log import get_logger
@@ -25,8 +26,6 @@ from apqa.pipeline.diffim.warp import WarpConfig, is_aligned, warp_exposure
 from apqa.pipeline.diffim.zogy import ZogyConfig, zogy_subtract
 
 log = get_logger(__name__)
-#: A source list by columns (x, y, snr of the science image's stars: AL's kernel candidates).
-Sources = dict[str, np.ndarray]
 
 
 class DiffConfig(ConfigModel):
@@ -41,7 +40,7 @@ class DiffConfig(ConfigModel):
 
 def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
                      overwrite_input: bool = False, psf: Psf | None = None
-                     ) -> tuple[Exposure, Sources | None]:
+                     ) -> tuple[Exposure, Columns | None]:
     """Background-subtracted exposure with a PSF model, and its sources when measured here.
 
     An apqa calexp (``OBSTYPE = 'calexp'``, as ``apqa process`` writes) or a template warped
@@ -66,7 +65,7 @@ def prepare_exposure(exposure: Exposure, config: DiffConfig | None = None,
         raise InputError("raw exposure (OBSTYPE='raw'): calibrate it first with apqa process "
                          "(it needs a bias and a flat)")
     prepared = prepare_for_difference(exposure, config.prepare, overwrite_input, psf)
-    return prepared.exposure, {name: prepared.sources[name] for name in ("x", "y", "snr")}
+    return prepared.exposure, prepared.sources
 
 
 def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) -> float:
@@ -89,7 +88,7 @@ def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) ->
 def prepare_pair(science: Exposure | Callable[[], Exposure],
                  template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None,
                  psfs: tuple[Psf | None, Psf | None] = (None, None)
-                 ) -> tuple[Exposure, Exposure, Sources | None]:
+                 ) -> tuple[Exposure, Exposure, Columns | None]:
     """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
     and FFT calls release the GIL), returning the science sources too.
 
@@ -99,7 +98,7 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
     template's own PSF models where given.
     """
     def load_and_prepare(image: Exposure | Callable[[], Exposure], psf: Psf | None
-                         ) -> tuple[Exposure, Sources | None]:
+                         ) -> tuple[Exposure, Columns | None]:
         if isinstance(image, Exposure):
             return prepare_exposure(image, config, psf=psf)
         return prepare_exposure(image(), config, overwrite_input=True, psf=psf)
@@ -112,7 +111,7 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
 
 
 def subtract(science: Exposure, template: Exposure, config: DiffConfig | None = None,
-             science_sources: Sources | None = None, with_score: bool = True
+             science_sources: Columns | None = None, with_score: bool = True
              ) -> tuple[DiffimResult, np.ndarray | None]:
     """Difference of two prepared exposures (see :func:`prepare_exposure`).
 
