@@ -293,6 +293,7 @@ def test_flux_ratio_direction_from_photo_calib():
 def _with_no_data_block(pair: Pair) -> Pair:
     science, template = pair.science.copy(), pair.template.copy()
     science.image[BLOCK] = np.nan  # garbage under the mask must not matter
+    science.variance[BLOCK] = np.inf  # (a variance weighted by 0 there would be NaN)
     science.mask.set("NO_DATA", BLOCK)
     template.image[BLOCK] += 1e5
     return Pair(science, template, pair.stars, pair.transient, pair.faint, pair.vanished,

@@ -87,10 +87,12 @@ from apqa.pipeline.diffim.zogy_tiles import (
     _cell_bounds,
     _filter_region,
     _filter_tiles,
-    _padded_copy,
     _padded_product,
     _padded_shape,
+    _padded_variance,
     _Tile,
+    core_budget,
+    on_both,
 )
 from apqa.pipeline.diffim.zogy_types import ZogyConfig, ZogyResult, _output_mask
 
@@ -116,6 +118,18 @@ def _check_inputs(science: Exposure, template: Exposure) -> None:
             raise InputError(f"{name}: exposure has no PSF model (ZOGY needs both PSFs)")
         if min(exp.shape) < 16:
             raise InputError(f"{name}: image of shape {exp.shape} is too small for ZOGY")
+
+
+def _noise_stats(image: np.ndarray, variance: np.ndarray, stat: np.ndarray, name: str
+                 ) -> tuple[float, float]:
+    """Background noise (from the variance plane) and pixel noise over predicted noise, on
+    the ``stat`` pixels of a sample of the image."""
+    sigma = math.sqrt(float(np.median(variance[stat])))
+    if not sigma > 0:
+        raise InputError(f"{name}: variance plane is not positive on source-free pixels "
+                         "(expected the per-pixel variance of the image)")
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero variance
+        return sigma, _robust_std(image[stat] / np.sqrt(variance[stat]))
 
 
 def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | None = None,
@@ -170,9 +184,12 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     shape = science.shape
     height, width = shape
     workers = config.workers
+    budget = core_budget(workers)
 
-    bad = _bad_pixels(science, config.zero_mask_planes)
-    bad |= _bad_pixels(template, config.zero_mask_planes)
+    bad, bad_r = on_both(_bad_pixels, (science, config.zero_mask_planes),
+                         (template, config.zero_mask_planes), budget)
+    bad |= bad_r
+    del bad_r
     if bad.all():
         raise StageError("zogy: no pixel is usable in both science and template")
 
@@ -223,19 +240,22 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     weights = _taper_weights(shape, bad, taper)
     # Without tiles the inputs go straight into zero-padded FFT buffers (img_* are views of
     # them); tiles copy their regions into buffers of their own.
-    img_n, buf_n = _padded_product(science.image, weights, bad, shape if tiled else pshape)
-    img_r, buf_r = _padded_product(template.image, weights, bad, shape if tiled else pshape)
-    var_n = np.where(bad, np.float32(0), science.variance)
-    var_r = np.where(bad, np.float32(0), template.variance)
+    (img_n, buf_n), (img_r, buf_r) = on_both(
+        _padded_product, (science.image, weights, bad, shape if tiled else pshape),
+        (template.image, weights, bad, shape if tiled else pshape), budget)
+    var_n, var_r = science.variance, template.variance  # usable where ~bad only
 
     # Pixels for statistics: unmasked, untapered and (below) source-free.
     untapered = (weights >= _UNTAPERED) & ~bad
     if untapered.sum() < _MIN_STAT_PIXELS:
         raise StageError(f"zogy: only {int(untapered.sum())} unmasked pixels away from the "
                          f"edges and masks (taper {taper} px); need {_MIN_STAT_PIXELS}")
-    snr_n = _smoothed_half(img_n, fwhm_n, untapered, workers)
-    snr_r = (_smoothed_half(img_r, fwhm_r, untapered, workers)
-             if mask_sources is None else None)
+    if mask_sources is None:
+        half_workers = max(1, budget // 2)
+        snr_n, snr_r = on_both(_smoothed_half, (img_n, fwhm_n, untapered, half_workers),
+                               (img_r, fwhm_r, untapered, half_workers), budget)
+    else:
+        snr_n, snr_r = _smoothed_half(img_n, fwhm_n, untapered, workers), None
     sources = _source_pixels(mask_sources, science, template, snr_n,
                              snr_r if snr_r is not None else snr_n,
                              config.source_threshold, math.ceil(fwhm_max))
@@ -246,15 +266,9 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                          f"statistics; need {_MIN_STAT_PIXELS} (crowded field?)")
     sl = _sample(stat)
     stat_s = stat[sl]
-    sigma_n = math.sqrt(float(np.median(var_n[sl][stat_s])))
-    sigma_r = math.sqrt(float(np.median(var_r[sl][stat_s])))
-    for name, value in (("science", sigma_n), ("template", sigma_r)):
-        if not value > 0:
-            raise InputError(f"{name}: variance plane is not positive on source-free pixels "
-                             "(expected the per-pixel variance of the image)")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio_n = _robust_std((img_n[sl] / np.sqrt(var_n[sl]))[stat_s])
-        ratio_r = _robust_std((img_r[sl] / np.sqrt(var_r[sl]))[stat_s])
+    (sigma_n, ratio_n), (sigma_r, ratio_r) = on_both(
+        _noise_stats, (img_n[sl], var_n[sl], stat_s, "science"),
+        (img_r[sl], var_r[sl], stat_s, "template"), budget)
 
     # Flux ratio F_r / F_n: given, fitted on bright stars, or from the calibrations.
     calib_ratio = _initial_flux_ratio(science, template)
@@ -275,7 +289,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                                                config.recenter_psf)
             cross = [_cross_kernels(pn, pr) for pn, pr, _ in ratio_psfs]
             fitted, err, n_used, snr_used = fit_flux_ratio_on_stars(
-                img_n, img_r, var_n, var_r, snr_n, untapered, cross, ratio_y, ratio_x,
+                img_n, img_r, var_n, var_r, bad, snr_n, untapered, cross, ratio_y, ratio_x,
                 fwhm_max, config.flux_ratio_min_snr, config.flux_ratio_min_stars,
                 config.flux_ratio_max_stars, config.flux_ratio_clip)
             if np.isfinite(fitted):
@@ -300,18 +314,15 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
             flux_ratio = calib_ratio
 
     # Difference, score and their variances: one region with the PSFs at the image centre, or
-    # overlapping tiles each with its own PSFs, blended.
-    # The variances take the squared weights, in place (the plain ones are not needed again,
-    # and on these machines every fresh 64 MB plane costs ~0.1 s of page faults).
-    for var in (var_n, var_r):
-        var *= weights
-        var *= weights
+    # overlapping tiles each with its own PSFs, blended. The variances take the squared
+    # weights region by region.
     kernel_args = (sigma_n, sigma_r, flux_ratio, config.epsilon, radius,
                    config.kernel_tolerance, radius)
     if not tiled:
         tiles = [_Tile(kernels=_zogy_kernels(psf_n, psf_r, *kernel_args, psf_size, with_score),
                        shift=cell_psfs[0][2])]
-        buf_vn, buf_vr = _padded_copy(var_n, pshape), _padded_copy(var_r, pshape)
+        buf_vn = _padded_variance(var_n, weights, bad, pshape)
+        buf_vr = _padded_variance(var_r, weights, bad, pshape)
         diff, score, var_d, var_s = _filter_region(
             buf_n, buf_r, buf_vn, buf_vr, tiles[0].kernels, shape, config.astrometric_sigma,
             workers, with_score=with_score)
@@ -319,7 +330,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     else:
         del buf_n, buf_r
         tiles, (diff, score, var_d, var_s) = _filter_tiles(
-            img_n, img_r, var_n, var_r, cell_psfs, cells_y, cells_x, kernel_args,
+            img_n, img_r, var_n, var_r, weights, bad, cell_psfs, cells_y, cells_x, kernel_args,
             psf_size, pad, config, with_score)
     centre_tile = tiles[len(tiles) // 2]
     truncation = max(t.kernels.truncation for t in tiles)

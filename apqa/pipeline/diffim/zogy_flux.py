@@ -82,13 +82,14 @@ def _cross_kernels(psf_science: np.ndarray, psf_template: np.ndarray
 
 
 def _fit_flux_ratio(science: np.ndarray, template: np.ndarray, var_science: np.ndarray,
-                    var_template: np.ndarray, cross: list[tuple[np.ndarray, np.ndarray]],
-                    group: np.ndarray, x: np.ndarray, y: np.ndarray, clip: float
+                    var_template: np.ndarray, bad: np.ndarray,
+                    cross: list[tuple[np.ndarray, np.ndarray]], group: np.ndarray,
+                    x: np.ndarray, y: np.ndarray, clip: float
                     ) -> tuple[float, float, int]:
     """F_r / F_n from the stars at pixels (x, y), on the cross-convolved images.
 
     Star ``i`` is filtered with the kernels ``cross[group[i]]`` (those of its tile, whose PSFs
-    are the ones valid there).
+    are the ones valid there). ``bad`` pixels (0 in the images) count with no variance.
 
     For constant sources ``R (x) P_n = (F_r / F_n) N (x) P_r`` holds pixel by pixel: it is the
     condition for them to vanish from D. So the ratio of the two filtered images
@@ -120,8 +121,11 @@ def _fit_flux_ratio(science: np.ndarray, template: np.ndarray, var_science: np.n
         kr = k_template[::-1, ::-1][None]
         an[sel] = (boxes(science, sx, sy, half) * kn).sum(axis=(1, 2))
         ar[sel] = (boxes(template, sx, sy, half) * kr).sum(axis=(1, 2))
-        en[sel] = np.sqrt((boxes(var_science, sx, sy, half) * kn**2).sum(axis=(1, 2)))
-        er[sel] = np.sqrt((boxes(var_template, sx, sy, half) * kr**2).sum(axis=(1, 2)))
+        bad_boxes = boxes(bad, sx, sy, half)
+        vn = np.where(bad_boxes, np.float32(0), boxes(var_science, sx, sy, half))
+        vr = np.where(bad_boxes, np.float32(0), boxes(var_template, sx, sy, half))
+        en[sel] = np.sqrt((vn * kn**2).sum(axis=(1, 2)))
+        er[sel] = np.sqrt((vr * kr**2).sum(axis=(1, 2)))
     ok = np.isfinite(an) & np.isfinite(ar) & (an > 0) & (en > 0) & (er > 0)
     an, en, ar, er = an[ok], en[ok], ar[ok], er[ok]
     if an.size == 0:
@@ -154,7 +158,8 @@ FLOOR_SNR = 5.0
 
 
 def fit_flux_ratio_on_stars(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndarray,
-                            var_r: np.ndarray, snr_half: np.ndarray, usable: np.ndarray,
+                            var_r: np.ndarray, bad: np.ndarray, snr_half: np.ndarray,
+                            usable: np.ndarray,
                             cross: list[tuple[np.ndarray, np.ndarray]], cells_y: np.ndarray,
                             cells_x: np.ndarray, fwhm: float, min_snr: float, min_stars: int,
                             max_stars: int, clip: float) -> tuple[float, float, int, float]:
@@ -181,8 +186,8 @@ def fit_flux_ratio_on_stars(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndar
                  * (len(cells_x) - 1)
                  + np.clip(np.searchsorted(cells_x, x, side="right") - 1, 0,
                            len(cells_x) - 2))
-        ratio, err, n_used = _fit_flux_ratio(img_n, img_r, var_n, var_r, cross, group, x, y,
-                                             clip)
+        ratio, err, n_used = _fit_flux_ratio(img_n, img_r, var_n, var_r, bad, cross, group,
+                                             x, y, clip)
         if n_used >= min_stars and ratio > 0:
             return ratio, err, n_used, threshold
         if n_used > best[2]:

@@ -1,5 +1,6 @@
 """ZOGY's FFT grids and tiling: zero-padded buffers, the filtering of one region into D, S and
-their variances, and the overlapping tiles that follow spatially varying PSFs.
+their variances, the overlapping tiles that follow spatially varying PSFs, and the threads the
+work runs in.
 
 Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the main flow.
 """
@@ -7,9 +8,10 @@ Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from scipy import fft as sfft
@@ -20,6 +22,8 @@ from apqa.pipeline.fftconv import centred_kernel_spectrum
 
 if TYPE_CHECKING:
     from apqa.pipeline.diffim.zogy_types import ZogyConfig
+
+T = TypeVar("T")
 
 #: Half-width (pixels) of the blending ramps between tiles.
 _TILE_BLEND = 32
@@ -42,6 +46,22 @@ def _padded_copy(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """``values`` in the corner of a zero buffer of ``shape`` (an FFT grid)."""
     buf = np.zeros(shape, np.float32)
     buf[:values.shape[0], :values.shape[1]] = values
+    return buf
+
+
+def _padded_variance(variance: np.ndarray, weights: np.ndarray, bad: np.ndarray,
+                     shape: tuple[int, int]) -> np.ndarray:
+    """``variance * weights**2`` (0 on bad pixels) in a zero-padded FFT buffer of ``shape``.
+
+    Built region by region where it is needed, rather than as a weighted copy of the whole
+    variance plane: two image-sized planes fewer at ZOGY's peak, which on these machines
+    is memory faulted in afresh (~0.1 s).
+    """
+    buf = np.zeros(shape, np.float32)
+    view = buf[:variance.shape[0], :variance.shape[1]]
+    np.multiply(variance, weights, out=view)
+    view *= weights
+    np.copyto(view, np.float32(0), where=bad)  # after the product: inf * 0 is NaN
     return buf
 
 
@@ -130,6 +150,26 @@ def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf
     return diff, score, var_d, var_s
 
 
+def core_budget(workers: int | None) -> int:
+    """Cores ZOGY may use: ``ZogyConfig.workers``, else scipy.fft's setting (all cores in
+    ``apqa diff``, one on a Dask worker)."""
+    budget = workers if workers is not None else sfft.get_workers()
+    if budget < 0:  # scipy's convention: -1 is every core
+        budget = max(1, (os.cpu_count() or 1) + 1 + budget)
+    return budget
+
+
+def on_both(function: Callable[..., T], science_args: tuple, template_args: tuple,
+            budget: int) -> tuple[T, T]:
+    """``function`` on the science's and on the template's arguments, in two threads when the
+    core budget allows (the image-sized numpy work in ZOGY's set-up releases the GIL)."""
+    if budget < 2:
+        return function(*science_args), function(*template_args)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        template_result = pool.submit(function, *template_args)
+        return function(*science_args), template_result.result()
+
+
 def _cell_bounds(n: int, tile_size: int | None) -> np.ndarray:
     """Boundaries of the tiles along one axis: about ``tile_size`` pixels each."""
     count = 1 if tile_size is None else max(1, round(n / tile_size))
@@ -173,8 +213,9 @@ def _partition(n: int, bounds: np.ndarray, blend: int) -> list[np.ndarray]:
     return weights
 
 
-def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
-                  wvar_r: np.ndarray, cell_psfs: list[tuple[np.ndarray, np.ndarray, float]],
+def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndarray,
+                  var_r: np.ndarray, weights: np.ndarray, bad: np.ndarray,
+                  cell_psfs: list[tuple[np.ndarray, np.ndarray, float]],
                   cells_y: np.ndarray, cells_x: np.ndarray, kernel_args: tuple, psf_size: int,
                   pad: int, config: ZogyConfig, with_score: bool = True
                   ) -> tuple[list[_Tile], tuple[np.ndarray, np.ndarray | None, np.ndarray,
@@ -185,6 +226,8 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
     so every pixel kept is computed from complete data (the kernels are exactly that wide);
     only real image edges see the zero padding. Variances are blended with the same weights
     (neighbouring tiles' kernels are nearly identical, so their noise is nearly the same).
+    ``img_*`` are the tapered images (0 on bad pixels); ``var_*`` the inputs' variance planes,
+    which each tile weights with ``weights**2`` for its own region.
     """
     height, width = img_n.shape
     radius = kernel_args[4]
@@ -193,7 +236,7 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
     wx = _partition(width, cells_x, blend)
     # D, S, var(D), var(S): the score's two only when asked for.
     wanted = (True, with_score, True, with_score)
-    outputs = tuple(np.zeros((height, width), np.float32) if w else None for w in wanted)
+    outputs = tuple(_written_zeros((height, width)) if w else None for w in wanted)
     cells = [(j, i) for j in range(len(cells_y) - 1) for i in range(len(cells_x) - 1)]
 
     def one_tile(cell: tuple[int, int]) -> tuple[_Tile, tuple[slice, slice], tuple]:
@@ -206,7 +249,9 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
         kernels = _zogy_kernels(pn, pr, *kernel_args, psf_size, with_score)
         region = (slice(y0, y1), slice(x0, x1))
         fshape = (_tile_length(y0, y1, height, pad), _tile_length(x0, x1, width, pad))
-        bufs = [_padded_copy(values[region], fshape) for values in (img_n, img_r, wvar_n, wvar_r)]
+        bufs = [_padded_copy(values[region], fshape) for values in (img_n, img_r)]
+        bufs += [_padded_variance(var[region], weights[region], bad[region], fshape)
+                 for var in (var_n, var_r)]
         parts = _filter_region(*bufs, kernels, (y1 - y0, x1 - x0), config.astrometric_sigma,
                                fft_workers, with_score=with_score)
         # Only the cell and its blending zone have weight: the kernel-radius margins none.
@@ -220,22 +265,28 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, wvar_n: np.ndarray,
                 piece *= weight
         return _Tile(kernels, shift), (slice(ky0, ky1), slice(kx0, kx1)), pieces
 
-    # The caller's core budget (ZogyConfig.workers, else scipy.fft's setting: all cores in
-    # `apqa diff`, one on a Dask worker) goes to tiles in threads first: the products and
-    # copies between transforms are single-threaded otherwise.
-    budget = config.workers if config.workers is not None else sfft.get_workers()
-    if budget < 0:  # scipy's convention: -1 is every core
-        budget = max(1, (os.cpu_count() or 1) + 1 + budget)
+    # The core budget goes to tiles in threads first: the products and copies between
+    # transforms are single-threaded otherwise.
+    budget = core_budget(config.workers)
     threads = max(1, min(_TILE_THREADS, budget))
     fft_workers = max(1, budget // threads)
     tiles = []
-    # Tiles in batches of ``threads``, added in tile order so that the result does not depend
-    # on which thread finishes first.
+    # The threads work through the tiles while this one adds up the finished ones, in tile
+    # order so that the result does not depend on which thread finishes first (a blending
+    # corner sums four tiles). Waiting for each pair of tiles instead left both cores idle
+    # for ~0.02 s per pair.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, len(cells), threads):
-            for tile, window, pieces in pool.map(one_tile, cells[start:start + threads]):
-                tiles.append(tile)
-                for total, piece in zip(outputs, pieces, strict=True):
-                    if piece is not None:
-                        total[window] += piece
+        for tile, window, pieces in pool.map(one_tile, cells):
+            tiles.append(tile)
+            for total, piece in zip(outputs, pieces, strict=True):
+                if piece is not None:
+                    total[window] += piece
     return tiles, outputs
+
+
+def _written_zeros(shape: tuple[int, int]) -> np.ndarray:
+    """A float32 zero image written through at once (see :meth:`apqa.datamodel.Mask.zeros`:
+    adding into fresh ``np.zeros`` memory faults every page twice)."""
+    out = np.empty(shape, np.float32)
+    out.fill(0)
+    return out
