@@ -105,6 +105,8 @@ _UNTAPERED = 0.999
 _MIN_STAT_PIXELS = 1000
 #: Largest automatic half-width of the ZOGY kernels (pixels).
 _MAX_KERNEL_RADIUS = 128
+#: Pixels sampled for the first look's noise (it only sizes the kernels).
+_ROUGH_STAT_PIXELS = 100_000
 #: The difference variance is rescaled to the measured noise only within this range.
 _RESCALE_RANGE = (0.5, 2.0)
 
@@ -212,7 +214,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
     if radius is None:
         cap = max(psf_size // 2, min(_MAX_KERNEL_RADIUS, min(shape) // 4))
         good = ~bad
-        sl0 = _sample(good)
+        sl0 = _sample(good, _ROUGH_STAT_PIXELS)
         rough_sigma = []
         for name, exp in (("science", science), ("template", template)):
             value = math.sqrt(max(0.0, float(np.median(exp.variance[sl0][good[sl0]]))))
@@ -362,7 +364,11 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                         "rescaling (check the inputs' variance planes)", noise_ratio)
 
     mask = _output_mask(science.mask, template.mask, config)
-    nonfinite = ~(np.isfinite(science.image) & np.isfinite(template.image))
+    # Non-finite pixels are bad pixels: look for them there only (two image-sized passes).
+    where_bad = np.flatnonzero(bad)
+    nonfinite = np.zeros(shape, bool)
+    nonfinite.flat[where_bad] = ~(np.isfinite(science.image.flat[where_bad])
+                                  & np.isfinite(template.image.flat[where_bad]))
     if nonfinite.any():
         mask.add_plane("NO_DATA")
         mask.set("NO_DATA", nonfinite)
