@@ -59,9 +59,10 @@ def _padded_variance(variance: np.ndarray, weights: np.ndarray, bad: np.ndarray,
     """
     buf = np.zeros(shape, np.float32)
     view = buf[:variance.shape[0], :variance.shape[1]]
-    np.multiply(variance, weights, out=view)
-    view *= weights
-    np.copyto(view, np.float32(0), where=bad)  # after the product: inf * 0 is NaN
+    with np.errstate(invalid="ignore"):  # inf * 0 on bad pixels, zeroed just after
+        np.multiply(variance, weights, out=view)
+        view *= weights
+    np.copyto(view, np.float32(0), where=bad)
     return buf
 
 
