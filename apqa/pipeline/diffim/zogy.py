@@ -57,18 +57,14 @@ make this no slower than one image-sized FFT.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from apqa.datamodel import Exposure, GridPsf, measure_fwhm
 from apqa.errors import InputError, StageError
 from apqa.log import get_logger
-from apqa.pipeline.diffim.zogy_flux import (
-    FLOOR_SNR,
-    _cross_kernels,
-    _initial_flux_ratio,
-    fit_flux_ratio_on_stars,
-)
+from apqa.pipeline.diffim.zogy_flux import _initial_flux_ratio, choose_flux_ratio
 from apqa.pipeline.diffim.zogy_kernels import (
     SIGMA_TO_FWHM,  # noqa: F401 (public constant of this module, re-exported)
     _cell_psf_kernels,
@@ -258,62 +254,28 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
                                (img_r, fwhm_r, untapered, half_workers), budget)
     else:
         snr_n, snr_r = _smoothed_half(img_n, fwhm_n, untapered, workers), None
-    sources = _source_pixels(mask_sources, science, template, snr_n,
-                             snr_r if snr_r is not None else snr_n,
-                             config.source_threshold, math.ceil(fwhm_max))
-    stat = untapered & ~sources
-    n_stat = int(stat.sum())
-    if n_stat < _MIN_STAT_PIXELS:
-        raise StageError(f"zogy: only {n_stat} source-free unmasked pixels for the noise "
-                         f"statistics; need {_MIN_STAT_PIXELS} (crowded field?)")
-    sl = _sample(stat)
-    stat_s = stat[sl]
-    (sigma_n, ratio_n), (sigma_r, ratio_r) = on_both(
-        _noise_stats, (img_n[sl], var_n[sl], stat_s, "science"),
-        (img_r[sl], var_r[sl], stat_s, "template"), budget)
-
-    # Flux ratio F_r / F_n: given, fitted on bright stars, or from the calibrations.
-    calib_ratio = _initial_flux_ratio(science, template)
-    ratio_err, n_ratio_stars, ratio_snr = float("nan"), 0, float("nan")
-    if config.flux_ratio is not None:
-        flux_ratio = float(config.flux_ratio)
-    else:
-        flux_ratio = float("nan")
-        if config.fit_flux_ratio:
-            # Each star is compared through the PSFs valid where it is: those of its tile, or
-            # of a 3 x 3 grid when not tiling (PSFs vary, and the centre's would bias the
-            # ratio by ~0.5% for a 10% change of FWHM across the image).
-            ratio_y, ratio_x, ratio_psfs = cells_y, cells_x, cell_psfs
-            if not tiled:
-                ratio_y = _cell_bounds(height, max(1, height // 3))
-                ratio_x = _cell_bounds(width, max(1, width // 3))
-                ratio_psfs = _cell_psf_kernels(science, template, ratio_y, ratio_x,
-                                               config.recenter_psf)
-            cross = [_cross_kernels(pn, pr) for pn, pr, _ in ratio_psfs]
-            fitted, err, n_used, snr_used = fit_flux_ratio_on_stars(
-                img_n, img_r, var_n, var_r, bad, snr_n, untapered, cross, ratio_y, ratio_x,
-                fwhm_max, config.flux_ratio_min_snr, config.flux_ratio_min_stars,
-                config.flux_ratio_max_stars, config.flux_ratio_clip)
-            if np.isfinite(fitted):
-                flux_ratio, ratio_err, n_ratio_stars = fitted, err, n_used
-                ratio_snr = snr_used
-                if snr_used < config.flux_ratio_min_snr:
-                    log.warning("zogy: fewer than %d stars with S/N > %g for the flux ratio; "
-                                "fitted on %d with S/N > %g: %.4f +- %.4f",
-                                config.flux_ratio_min_stars, config.flux_ratio_min_snr,
-                                n_used, snr_used, fitted, err)
-            else:
-                log.warning("zogy: %d usable stars with S/N > %g for the flux-ratio fit "
-                            "(need %d)", n_used, snr_used, config.flux_ratio_min_stars)
-        if not np.isfinite(flux_ratio):
-            if calib_ratio is None:
-                raise StageError(
-                    "zogy: no flux ratio: fewer than "
-                    f"{config.flux_ratio_min_stars} unmasked stars (S/N > "
-                    f"{min(FLOOR_SNR, config.flux_ratio_min_snr):g}) to fit it, and no "
-                    "photo_calib on both "
-                    "exposures; set ZogyConfig.flux_ratio or give calibrated exposures")
-            flux_ratio = calib_ratio
+    # F_r / F_n (given, fitted on bright stars, or from the calibrations) beside the noise
+    # statistics: neither needs the other.
+    ratio_args = (science, template, img_n, img_r, bad, snr_n, untapered, cells_y, cells_x,
+                  cell_psfs, fwhm_max, config)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ratio_future = (pool.submit(choose_flux_ratio, *ratio_args) if budget > 1 else None)
+        sources = _source_pixels(mask_sources, science, template, snr_n,
+                                 snr_r if snr_r is not None else snr_n,
+                                 config.source_threshold, math.ceil(fwhm_max))
+        stat = untapered & ~sources
+        n_stat = int(stat.sum())
+        if n_stat < _MIN_STAT_PIXELS:
+            raise StageError(f"zogy: only {n_stat} source-free unmasked pixels for the noise "
+                             f"statistics; need {_MIN_STAT_PIXELS} (crowded field?)")
+        sl = _sample(stat)
+        stat_s = stat[sl]
+        (sigma_n, ratio_n), (sigma_r, ratio_r) = on_both(
+            _noise_stats, (img_n[sl], var_n[sl], stat_s, "science"),
+            (img_r[sl], var_r[sl], stat_s, "template"), budget)
+        ratio = (ratio_future.result() if ratio_future is not None
+                 else choose_flux_ratio(*ratio_args))
+    flux_ratio = ratio.value
 
     # Difference, score and their variances: one region with the PSFs at the image centre, or
     # overlapping tiles each with its own PSFs, blended. The variances take the squared
@@ -400,10 +362,10 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         "noise_ratio": noise_ratio,
         "variance_scale": variance_scale,
         "flux_ratio": flux_ratio,
-        "flux_ratio_err": ratio_err,
-        "flux_ratio_calib": calib_ratio if calib_ratio is not None else float("nan"),
-        "n_flux_ratio_stars": float(n_ratio_stars),
-        "flux_ratio_min_snr": float(ratio_snr),
+        "flux_ratio_err": ratio.error,
+        "flux_ratio_calib": ratio.calibrated,
+        "n_flux_ratio_stars": float(ratio.n_stars),
+        "flux_ratio_min_snr": float(ratio.min_snr),
         "sigma_science": sigma_n,
         "sigma_template": sigma_r,
         "input_noise_ratio_science": ratio_n,

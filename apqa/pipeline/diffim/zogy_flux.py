@@ -7,13 +7,23 @@ Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from apqa.datamodel import Exposure
 from apqa.datamodel.psf import convolve_full
+from apqa.errors import StageError
+from apqa.log import get_logger
+from apqa.pipeline.diffim.zogy_kernels import _cell_psf_kernels
+from apqa.pipeline.diffim.zogy_tiles import _cell_bounds
 from apqa.pipeline.neighbours import close_pairs
 from apqa.pipeline.pixels import boxes
+
+if TYPE_CHECKING:
+    from apqa.pipeline.diffim.zogy_types import ZogyConfig
+
+log = get_logger(__name__)
 
 
 def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm: float,
@@ -203,3 +213,72 @@ def _initial_flux_ratio(science: Exposure, template: Exposure) -> float | None:
     if science.photo_calib is None or template.photo_calib is None:
         return None
     return science.photo_calib.calibration_mean / template.photo_calib.calibration_mean
+
+
+class FluxRatio(NamedTuple):
+    """F_r / F_n as chosen by :func:`choose_flux_ratio`, with how it was found."""
+
+    value: float
+    #: Its error (NaN unless fitted).
+    error: float
+    #: Stars the fit used (0 unless fitted).
+    n_stars: int
+    #: The S/N threshold those stars passed (NaN unless fitted).
+    min_snr: float
+    #: The ratio from the photometric calibrations (NaN without them).
+    calibrated: float
+
+
+def choose_flux_ratio(science: Exposure, template: Exposure, img_n: np.ndarray,
+                      img_r: np.ndarray, bad: np.ndarray, snr_n: np.ndarray,
+                      usable: np.ndarray, cells_y: np.ndarray, cells_x: np.ndarray,
+                      cell_psfs: list[tuple[np.ndarray, np.ndarray, float]], fwhm: float,
+                      config: ZogyConfig) -> FluxRatio:
+    """F_r / F_n: ``config.flux_ratio`` when set, else fitted on bright stars
+    (:func:`fit_flux_ratio_on_stars`), else from the photometric calibrations.
+
+    ``img_*`` are the tapered images (0 on ``bad`` pixels), ``snr_n`` the science's
+    half-resolution S/N map where stars are found, ``usable`` the pixels they may touch, and
+    ``cell_psfs`` the PSF pairs of the cells between ``cells_y`` and ``cells_x`` (one cell:
+    the image is then cut into 3 x 3 for the fit).
+
+    Raises
+    ------
+    StageError
+        No ratio given, too few stars to fit and no calibrations.
+    """
+    calib_ratio = _initial_flux_ratio(science, template)
+    calibrated = calib_ratio if calib_ratio is not None else float("nan")
+    if config.flux_ratio is not None:
+        return FluxRatio(float(config.flux_ratio), float("nan"), 0, float("nan"), calibrated)
+    if config.fit_flux_ratio:
+        # Each star is compared through the PSFs valid where it is: those of its tile, or of
+        # a 3 x 3 grid when not tiling (PSFs vary, and the centre's would bias the ratio by
+        # ~0.5% for a 10% change of FWHM across the image).
+        if len(cells_y) == 2 and len(cells_x) == 2:
+            height, width = science.shape
+            cells_y = _cell_bounds(height, max(1, height // 3))
+            cells_x = _cell_bounds(width, max(1, width // 3))
+            cell_psfs = _cell_psf_kernels(science, template, cells_y, cells_x,
+                                          config.recenter_psf)
+        cross = [_cross_kernels(pn, pr) for pn, pr, _ in cell_psfs]
+        fitted, err, n_used, snr_used = fit_flux_ratio_on_stars(
+            img_n, img_r, science.variance, template.variance, bad, snr_n, usable, cross,
+            cells_y, cells_x, fwhm, config.flux_ratio_min_snr, config.flux_ratio_min_stars,
+            config.flux_ratio_max_stars, config.flux_ratio_clip)
+        if np.isfinite(fitted):
+            if snr_used < config.flux_ratio_min_snr:
+                log.warning("zogy: fewer than %d stars with S/N > %g for the flux ratio; "
+                            "fitted on %d with S/N > %g: %.4f +- %.4f",
+                            config.flux_ratio_min_stars, config.flux_ratio_min_snr, n_used,
+                            snr_used, fitted, err)
+            return FluxRatio(fitted, err, n_used, snr_used, calibrated)
+        log.warning("zogy: %d usable stars with S/N > %g for the flux-ratio fit (need %d)",
+                    n_used, snr_used, config.flux_ratio_min_stars)
+    if calib_ratio is None:
+        raise StageError(
+            f"zogy: no flux ratio: fewer than {config.flux_ratio_min_stars} unmasked stars "
+            f"(S/N > {min(FLOOR_SNR, config.flux_ratio_min_snr):g}) to fit it, and no "
+            "photo_calib on both exposures; set ZogyConfig.flux_ratio or give calibrated "
+            "exposures")
+    return FluxRatio(calib_ratio, float("nan"), 0, float("nan"), calibrated)
