@@ -5,16 +5,20 @@ from __future__ import annotations
 import copy as _copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS
 
+from apqa.datamodel.header_wcs import HeaderWcs
 from apqa.datamodel.mask import Mask, stored_pixels
 from apqa.datamodel.photocalib import PhotoCalib
 from apqa.datamodel.psf import Psf
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
 from apqa.errors import InputError
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 
 @dataclass
@@ -30,7 +34,8 @@ class Exposure:
     mask
         :class:`~apqa.datamodel.mask.Mask` of the same shape (empty when omitted).
     psf, wcs, photo_calib, visit_info, detector_info
-        Optional descriptions; ``wcs`` must be celestial when given.
+        Optional descriptions; ``wcs`` must be celestial when given (an astropy WCS, or a
+        :class:`~apqa.datamodel.header_wcs.HeaderWcs` that stands in for one until used).
     metadata
         Extra FITS header cards carried through I/O.
 
@@ -46,7 +51,7 @@ class Exposure:
     variance: np.ndarray
     mask: Mask | None = None
     psf: Psf | None = None
-    wcs: WCS | None = None
+    wcs: WCS | HeaderWcs | None = None
     photo_calib: PhotoCalib | None = None
     visit_info: VisitInfo | None = None
     detector_info: DetectorInfo | None = None
@@ -138,13 +143,14 @@ class Exposure:
 
     @classmethod
     def from_fits(cls, path: str | Path, require_wcs: bool = True, lazy: bool = False,
-                  direct: bool = False) -> Exposure:
+                  direct: bool = False, defer_wcs: bool = False) -> Exposure:
         """Read an apqa exposure or a plain single-HDU FITS image.
 
         See :func:`apqa.datamodel.fits_io.read_exposure` for the header keywords used, for
-        ``lazy`` (memory-mapped, read-only planes) and ``direct`` (read-only planes read past
-        the page cache).
+        ``lazy`` (memory-mapped, read-only planes), ``direct`` (read-only planes read past
+        the page cache) and ``defer_wcs`` (the WCS parsed on first use).
         """
         from apqa.datamodel.fits_io import read_exposure
 
-        return read_exposure(path, require_wcs=require_wcs, lazy=lazy, direct=direct)
+        return read_exposure(path, require_wcs=require_wcs, lazy=lazy, direct=direct,
+                             defer_wcs=defer_wcs)

@@ -7,31 +7,38 @@ dispatches plain files here.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time, TimeDelta
-from astropy.wcs import WCS, FITSFixedWarning
 from scipy.ndimage import maximum_filter, uniform_filter
 
 from apqa.datamodel.exposure import Exposure
+from apqa.datamodel.header_wcs import HeaderWcs, parse_wcs
 from apqa.datamodel.mask import Mask
 from apqa.datamodel.photocalib import PhotoCalib
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
 from apqa.errors import InputError
 
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
-def read_wcs(header: fits.Header, source: str, required: bool) -> WCS | None:
+
+def read_wcs(header: fits.Header, source: str, required: bool, defer: bool = False
+             ) -> WCS | HeaderWcs | None:
     """The celestial WCS of ``header`` (None without one, unless ``required``: then an
-    :class:`~apqa.errors.InputError` naming ``source`` and the cards expected)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        try:
-            wcs = WCS(header, naxis=2)
-        except Exception as exc:  # astropy raises many types for malformed WCS cards
-            raise InputError(f"{source}: header WCS could not be parsed ({exc})") from None
+    :class:`~apqa.errors.InputError` naming ``source`` and the cards expected).
+
+    With ``defer``, a header whose CTYPE cards name celestial axes gives a
+    :class:`~apqa.datamodel.header_wcs.HeaderWcs`, parsed only when first used.
+    """
+    if defer:
+        lazy = HeaderWcs(header, source)
+        if lazy.looks_celestial():
+            return lazy
+    wcs = parse_wcs(header, source)
     if not wcs.has_celestial:
         if required:
             raise InputError(
@@ -187,10 +194,12 @@ def calibration_from_units(header: fits.Header, source: str = "header") -> Photo
     return None
 
 
-def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
+def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool, defer_wcs: bool = False
+               ) -> Exposure:
     """The first 2-d image of ``hdul`` as an :class:`Exposure`: header keywords, NaN pixels as
     NO_DATA, SAT from SATURATE, and the variance from the sky noise plus GAIN's Poisson term
-    (see :func:`apqa.datamodel.fits_io.read_exposure`)."""
+    (see :func:`apqa.datamodel.fits_io.read_exposure`; ``defer_wcs`` as in :func:`read_wcs`).
+    """
     hdu = next((h for h in hdul if h.data is not None and np.ndim(h.data) == 2), None)
     if hdu is None:
         raise InputError(f"{source}: no 2-d image found in any HDU")
@@ -202,7 +211,7 @@ def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     finite = np.isfinite(data)
     if not finite.any():
         raise InputError(f"{source}: image has no finite pixels (all NaN or inf)")
-    wcs = read_wcs(header, source, require_wcs)
+    wcs = read_wcs(header, source, require_wcs, defer_wcs)
 
     gain = _number(header, ("GAIN", "EGAIN"), source)
     read_noise = _number(header, ("RDNOISE", "READNOISE", "RDNOISEA"), source)
@@ -214,13 +223,16 @@ def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
     physical_filter = str(header.get("FILTER", "unknown")).strip() or "unknown"
 
     mask = Mask.zeros(data.shape)
-    mask.set("NO_DATA", ~finite)
+    all_finite = bool(finite.all())
     image = data
-    if not finite.all():
+    if not all_finite:
+        mask.set("NO_DATA", ~finite)
         image[~finite] = 0.0
+    valid = finite
     if saturate is not None:
-        mask.set("SAT", image >= saturate)
-    valid = finite & ~mask.is_set("SAT")
+        saturated = image >= saturate
+        mask.set("SAT", saturated)
+        valid = finite & ~saturated
     sky_level, sky_var = robust_sky(image, valid)
     # Sky noise from the pixels (right for sky-subtracted images too), source Poisson from gain.
     if gain is None:
@@ -230,7 +242,8 @@ def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool) -> Exposure:
         np.clip(variance, 0, None, out=variance)
         variance *= np.float32(1.0 / gain)
         variance += np.float32(sky_var)
-    variance[~finite] = np.inf
+    if not all_finite:
+        variance[~finite] = np.inf
 
     metadata = fits.Header()
     metadata["VARSRC"] = ("pixels+gain" if gain is not None else "pixels", "variance model")

@@ -48,21 +48,24 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import scipy.fft
-from astropy.wcs import WCS
 from pydantic import Field
 
 from apqa.config import ConfigModel
 from apqa.datamodel.exposure import Exposure
+from apqa.datamodel.header_wcs import HeaderWcs
 from apqa.datamodel.mask import Mask
 from apqa.errors import InputError, StageError
 from apqa.log import get_logger
 from apqa.pipeline.diffim.warp_mapping import _build_mapping, _celestial, _exact_map
 from apqa.pipeline.diffim.warp_psf import _warp_psf
 from apqa.pipeline.diffim.warp_resample import _Resampler
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 log = get_logger(__name__)
 
@@ -150,7 +153,7 @@ def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
-def warp_exposure(template: Exposure, wcs: WCS, shape: tuple[int, int],
+def warp_exposure(template: Exposure, wcs: WCS | HeaderWcs, shape: tuple[int, int],
                   config: WarpConfig | None = None) -> WarpResult:
     """Warp ``template`` onto the pixel grid of shape ``shape`` described by ``wcs``.
 
@@ -260,7 +263,9 @@ def is_aligned(template: Exposure, science: Exposure, tol_px: float = 0.01) -> b
     """True when ``template`` is already on ``science``'s pixel grid (no warp needed).
 
     The grids are aligned when the shapes are equal and the WCSs map the science corners and
-    centre to template pixel positions within ``tol_px`` of the same pixel coordinates.
+    centre to template pixel positions within ``tol_px`` of the same pixel coordinates, or,
+    for WCSs not parsed yet (:class:`~apqa.datamodel.header_wcs.HeaderWcs`), when their
+    headers' mapping cards are the same (then nothing needs astropy.wcs).
 
     Examples
     --------
@@ -273,6 +278,9 @@ def is_aligned(template: Exposure, science: Exposure, tol_px: float = 0.01) -> b
     >>> is_aligned(e, e)
     True
     """
+    if (template.shape == science.shape and isinstance(template.wcs, HeaderWcs)
+            and template.wcs.same_mapping(science.wcs)):
+        return True
     template_wcs = _celestial(template.wcs, "template")
     science_wcs = _celestial(science.wcs, "science")
     if template.shape != science.shape:

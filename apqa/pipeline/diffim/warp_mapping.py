@@ -10,14 +10,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.wcs import WCS
 
+from apqa.datamodel.header_wcs import as_wcs
 from apqa.errors import InputError, StageError
 from apqa.log import get_logger
 
 if TYPE_CHECKING:
+    from astropy.wcs import WCS
     from scipy.interpolate import BSpline, RectBivariateSpline
 
+    from apqa.datamodel.header_wcs import HeaderWcs
     from apqa.pipeline.diffim.warp import WarpConfig
 
 # The warp's messages keep the logger of the warp module they come from.
@@ -31,7 +33,10 @@ _WORLD2PIX_TOLERANCE = 1e-7
 _JACOBIAN_STEP = 1.0
 
 
-def _celestial(wcs: WCS | None, what: str) -> WCS:
+def _celestial(wcs: WCS | HeaderWcs | None, what: str) -> WCS:
+    from astropy.wcs import WCS
+
+    wcs = as_wcs(wcs)
     if wcs is None or not isinstance(wcs, WCS) or not wcs.has_celestial:
         raise InputError(f"{what}: no celestial WCS (expected an astropy WCS with RA/Dec axes)")
     return wcs.celestial

@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.wcs import WCS
 
 from apqa.datamodel.psf import GridPsf, Psf, psf_stamps
 from apqa.pipeline.diffim.warp_mapping import _exact_map, _local_jacobians
 from apqa.pipeline.diffim.warp_resample import _PHASES, _TAP_OFFSETS
 
 if TYPE_CHECKING:
+    from astropy.wcs import WCS
+
     from apqa.pipeline.diffim.warp import WarpConfig
 
 #: Science pixels per node and axis whose sub-pixel phases the warped PSF averages over.
