@@ -46,6 +46,10 @@ WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 PREFAULT_MAX_BYTES = TRIM_THRESHOLD_BYTES - (64 << 20)
 
 
+#: Name of the thread :func:`prefault_heap` starts.
+_PREFAULT_THREAD = "apqa-prefault"
+
+
 def tune_allocator() -> dict[str, bool]:
     """Keep freed image buffers for reuse instead of unmapping them, in one arena for all
     threads, and do not ask for transparent huge pages for numpy arrays.
@@ -123,9 +127,21 @@ def prefault_heap(nbytes: int, tuned: dict[str, bool]) -> threading.Thread | Non
             libc.memset(block, 0, nbytes)
             libc.free(block)
 
-    thread = threading.Thread(target=touch, name="apqa-prefault", daemon=True)
+    thread = threading.Thread(target=touch, name=_PREFAULT_THREAD, daemon=True)
     thread.start()
     return thread
+
+
+def wait_for_prefault() -> None:
+    """Wait until a :func:`prefault_heap` thread (if any) has freed its block into the heap.
+
+    Image buffers allocated while the block is held land above it and leave it as a hole
+    that later buffers only partly fill: ``apqa diff`` peaked up to 0.15 GB higher when its
+    readers did not wait.
+    """
+    for thread in threading.enumerate():
+        if thread.name == _PREFAULT_THREAD:
+            thread.join()
 
 
 def release_free_heap() -> bool:

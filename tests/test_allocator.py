@@ -101,10 +101,9 @@ def test_worker_processes_allocate_task_buffers_from_the_main_heap(monkeypatch) 
 
 PREFAULT_PROBE = """
 import json, resource
-from apqa.allocator import prefault_heap, tune_allocator
+from apqa.allocator import prefault_heap, tune_allocator, wait_for_prefault
 thread = prefault_heap(128 * 2**20, tune_allocator())
-if thread is not None:
-    thread.join()
+wait_for_prefault()  # (allocated while the thread holds its block, buffers would fault)
 import numpy as np
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 image = np.ones(3 * 2**23, np.float32)  # 96 MiB, written through

@@ -6,15 +6,18 @@ import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from apqa.allocator import release_free_heap
+from apqa.allocator import release_free_heap, wait_for_prefault
 from apqa.cli.app import SciencePsfOption, TemplatePsfOption, all_cores, app, fail, prose
 from apqa.config import load_config
 from apqa.errors import ApqaError, InputError
+
+if TYPE_CHECKING:
+    from apqa.datamodel import Exposure
 
 EPILOG = prose("""Examples:
 
@@ -47,7 +50,7 @@ def diff(
     template_psf: TemplatePsfOption = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
-    from apqa.datamodel import Exposure
+    import apqa.datamodel  # noqa: F401 (before the readers start: they use it)
 
     console = Console(stderr=True)
     try:
@@ -58,8 +61,7 @@ def diff(
             # The images are read while the differencing code is imported (numpy and the
             # FITS reader release the GIL for the pixels). Their WCSs are parsed only if the
             # grids differ (astropy.wcs costs 0.13 s to import).
-            reading = [readers.submit(Exposure.from_fits, path, defer_wcs=True)
-                       for path in (science, template)]
+            reading = [readers.submit(_read_after_prefault, path) for path in (science, template)]
             from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 
             readers.submit(_import_warp_if_needed, *reading)
@@ -95,6 +97,16 @@ def diff(
     typer.echo(f"{out}: {algorithm}, noise ratio {q.get('noise_ratio', float('nan')):.3f}, "
                f"template coverage {q.get('template_coverage', 1.0):.3f}, "
                f"{quality['wall_time']:.1f} s")
+
+
+def _read_after_prefault(path: Path) -> Exposure:
+    """The image at ``path``, its WCS unparsed, read once the heap is faulted in (its
+    buffers then come from the faulted pages, see :func:`apqa.allocator.wait_for_prefault`).
+    """
+    from apqa.datamodel import Exposure
+
+    wait_for_prefault()
+    return Exposure.from_fits(path, defer_wcs=True)
 
 
 def _import_warp_if_needed(science: Future, template: Future) -> None:

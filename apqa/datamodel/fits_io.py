@@ -370,9 +370,8 @@ def read_exposure(path: str | Path, require_wcs: bool = True, lazy: bool = False
                 )
             planes = _read_planes_direct(hdul, path) if lazy and direct else None
             exposure = _read_apqa(hdul, source, require_wcs, lazy, planes, defer_wcs)
-        else:
-            lazy = False
+            if not lazy and not np.isfinite(exposure.image).any():
+                raise InputError(f"{source}: image has no finite pixels")
+        else:  # checks its pixels itself
             exposure = read_plain(hdul, source, require_wcs, defer_wcs)
-    if not lazy and not np.isfinite(exposure.image).any():
-        raise InputError(f"{source}: image has no finite pixels")
     return exposure

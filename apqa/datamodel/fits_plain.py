@@ -194,6 +194,15 @@ def calibration_from_units(header: fits.Header, source: str = "header") -> Photo
     return None
 
 
+def _native_float32(data: np.ndarray) -> np.ndarray:
+    """Native-endian float32 pixels of our own (changed in place by the reader): the array
+    astropy read itself byte-swapped in place when it is big-endian float32, as FITS stores
+    them (no second image-sized buffer), else a converted copy."""
+    if data.dtype == np.dtype(">f4") and data.flags.writeable and data.flags.c_contiguous:
+        return data.byteswap(inplace=True).view(np.float32)
+    return np.array(data, dtype=np.float32)
+
+
 def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool, defer_wcs: bool = False
                ) -> Exposure:
     """The first 2-d image of ``hdul`` as an :class:`Exposure`: header keywords, NaN pixels as
@@ -206,8 +215,7 @@ def read_plain(hdul: fits.HDUList, source: str, require_wcs: bool, defer_wcs: bo
     header = hdul[0].header.copy()
     if hdu is not hdul[0]:
         header.update(hdu.header)  # image-HDU cards take precedence
-    # Our own native-endian copy (FITS data are big-endian): zeroed in place below.
-    data = np.array(hdu.data, dtype=np.float32)
+    data = _native_float32(hdu.data)
     finite = np.isfinite(data)
     if not finite.any():
         raise InputError(f"{source}: image has no finite pixels (all NaN or inf)")
