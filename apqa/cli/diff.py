@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -62,9 +63,11 @@ def diff(
             # FITS reader release the GIL for the pixels). Their WCSs are parsed only if the
             # grids differ (astropy.wcs costs 0.13 s to import).
             reading = [readers.submit(_read_after_prefault, path) for path in (science, template)]
+            if _grids_may_differ(science, template):
+                # What the warp needs (astropy.wcs and scipy.interpolate, 0.35 s), imported
+                # from now on in the gaps the other threads leave.
+                threading.Thread(target=_import_warp_modules, daemon=True).start()
             from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
-
-            readers.submit(_import_warp_if_needed, *reading)
 
             cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
             from apqa.datamodel.psf_file import read_psf_images
@@ -109,13 +112,27 @@ def _read_after_prefault(path: Path) -> Exposure:
     return Exposure.from_fits(path, defer_wcs=True)
 
 
-def _import_warp_if_needed(science: Future, template: Future) -> None:
-    """Import what warping needs (scipy.interpolate, 0.13 s) once both images are read and
-    their grids differ: while they are characterized, not after."""
-    from apqa.pipeline.diffim.warp import is_aligned
+def _import_warp_modules() -> None:
+    import astropy.wcs  # noqa: F401
+    import scipy.interpolate  # noqa: F401
 
-    try:
-        if not is_aligned(template.result(), science.result()):
-            import scipy.interpolate  # noqa: F401
-    except ApqaError:
-        pass  # a warm-up only: the subtraction reports what is wrong with the inputs
+
+def _grids_may_differ(science: Path, template: Path) -> bool:
+    """Whether the template will probably be warped: the files' image shapes or WCS mapping
+    cards differ (the headers alone, read in milliseconds; a guess, which only decides what
+    is imported when, and False when a header cannot be read: the reader reports that)."""
+    from astropy.io import fits
+
+    from apqa.datamodel.header_wcs import HeaderWcs
+
+    grids = []
+    for path in (science, template):
+        try:
+            with fits.open(path) as hdul:
+                header = next((hdu.header for hdu in hdul if hdu.header.get("NAXIS") == 2),
+                              hdul[0].header)
+        except (OSError, ValueError):
+            return False
+        grids.append((header.get("NAXIS1"), header.get("NAXIS2"), HeaderWcs(header, str(path))))
+    (w1, h1, wcs1), (w2, h2, wcs2) = grids
+    return (w1, h1) != (w2, h2) or not wcs1.same_mapping(wcs2)
