@@ -87,6 +87,16 @@ def band_from_filter(physical_filter: str) -> str:
     return first.lower() or "unknown"
 
 
+def load_leap_seconds() -> None:
+    """Load astropy's leap-second table, as the first UTC to TAI conversion of a plain image's
+    MJD-OBS would (0.1 s: it imports astropy.utils.iers and astropy.table).
+
+    ``apqa diff`` calls it on its main thread while its readers decode the pixels, so that
+    their last step does not wait for it.
+    """
+    Time(51544.0, format="mjd", scale="utc").tai  # noqa: B018 (the conversion loads it)
+
+
 def _mid_exposure_mjd_tai(header: fits.Header, exptime: float, source: str) -> float:
     scale = str(header.get("TIMESYS", "UTC")).strip().lower()
     if scale not in {"utc", "tai", "tt", "tdb", "ut1", "tcg", "tcb"}:
