@@ -12,7 +12,6 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from apqa import __version__
 from apqa.allocator import prefault_heap, tune_allocator
 from apqa.errors import ApqaError
 from apqa.log import configure_logging
@@ -49,6 +48,8 @@ err_console = Console(stderr=True, highlight=False)
 
 def _version(value: bool) -> None:
     if value:
+        from apqa import __version__
+
         typer.echo(f"apqa {__version__}")
         raise typer.Exit()
 
