@@ -212,6 +212,23 @@ def test_aligned_pair_is_differenced_without_parsing_a_wcs(pair, tmp_path):
                                pair.science.wcs.all_pix2world(x, y, 0), rtol=0, atol=1e-10)
 
 
+def test_grids_that_differ_are_told_from_the_headers(pair, tmp_path):
+    # The hint that starts importing the warp's modules early (only the import order
+    # depends on it; the subtraction decides from the exposures themselves).
+    from apqa.cli.diff import _grids_may_differ
+
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    same = _write(pair.template, tmp_path / "same.fits")
+    moved = _write(pair.template, tmp_path / "moved.fits", crval_shift=2e-4)
+    cropped = _write(pair.template, tmp_path / "cropped.fits",
+                     image=pair.template.image[:500])
+    assert not _grids_may_differ(sci, same)
+    assert _grids_may_differ(sci, moved)
+    assert _grids_may_differ(sci, cropped)
+    (tmp_path / "junk.fits").write_text("not FITS")
+    assert not _grids_may_differ(sci, tmp_path / "junk.fits")
+
+
 DECAM = "decam-mini"
 NIRCAM = "jwst-nircam"
 REAL_PAIRS = {
