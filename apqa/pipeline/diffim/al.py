@@ -10,6 +10,7 @@ Pixels within the kernel's reach of the border or of missing data are masked EDG
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -294,6 +295,53 @@ def _sampled(array: np.ndarray, step: int = 4) -> np.ndarray:
     return array[::step, ::step]
 
 
+@dataclass
+class _PixelClasses:
+    """What AL needs to know of the pixels besides the kernel (see :func:`_pixel_classes`)."""
+
+    no_data_target: np.ndarray
+    no_data_ref: np.ndarray
+    #: Missing in the target, or within the kernel's reach of a missing convolved pixel.
+    no_data: np.ndarray
+    #: Pixels the residual background is measured on (None when it is not).
+    sky: np.ndarray | None
+    #: White-noise variances of the target and of the image convolved.
+    target_var: float
+    ref_var: float
+    #: The difference's mask: both inputs' planes, NO_DATA, and EDGE within the kernel's reach
+    #: of the border (where the matched image is undefined).
+    mask: Mask
+
+
+def _pixel_classes(science: Exposure, template: Exposure, convolve_template: bool,
+                   half: int, factors: tuple[float, float], with_sky: bool) -> _PixelClasses:
+    """Missing, edge and sky pixels, the white-noise levels and the output mask of an AL
+    difference whose kernel has half-width ``half`` (``factors``: the variance planes' excess
+    over white noise, target's then convolved image's)."""
+    target, ref = (science, template) if convolve_template else (template, science)
+    height, width = science.shape
+    no_data_t = target.mask.is_set("NO_DATA")
+    no_data_r = ref.mask.is_set("NO_DATA")
+    good = ~(science.mask.is_set(["NO_DATA", "SAT", "BAD"])
+             | template.mask.is_set(["NO_DATA", "SAT", "BAD"]))
+    target_var = float(np.median(_sampled(target.variance)[_sampled(good)])) / factors[0]
+    ref_var = float(np.median(_sampled(ref.variance)[_sampled(good)])) / factors[1]
+    edge = np.ones(science.shape, bool)
+    edge[half:height - half, half:width - half] = False
+    no_data = no_data_t | (grow_square(no_data_r, half) if no_data_r.any() else no_data_r)
+    sky = None
+    if with_sky:
+        # Sources found before injection are DETECTED; injected fakes carry their own planes.
+        busy = ["DETECTED", "CR", "INJECTED", "INJECTED_TEMPLATE"]
+        sky = good & ~edge & ~no_data & ~(science.mask.is_set(busy) | template.mask.is_set(busy))
+    # Both inputs use the default plane map; injected sources keep their INJECTED (science)
+    # and INJECTED_TEMPLATE (template) bits.
+    mask = Mask(science.mask.array | template.mask.array, science.mask.planes)
+    mask.set("NO_DATA", no_data)
+    mask.set("EDGE", edge)
+    return _PixelClasses(no_data_t, no_data_r, no_data, sky, target_var, ref_var, mask)
+
+
 def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
                 candidates: Columns | None = None) -> DiffimResult:
     """Difference ``science - matched template`` in science flux units, decorrelated.
@@ -328,51 +376,43 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     half = size // 2
     basis = gaussian_poly_basis(sigmas, config.basis_degrees, half)
     stamp_half = half + int(np.ceil(max(fwhm_s, fwhm_t)))
-    if candidates is None:
-        candidates = find_bright_sources(target)  # x, y, snr found on binned pixels
-    ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
-                               config.candidate_min_snr, config.candidate_max_snr,
-                               config.cell_size, config.per_cell, config.max_candidates)
-    require_candidates(ix.size, config.min_candidates, config.candidate_min_snr,
-                       config.candidate_max_snr)
-    # Small images hold few stars: then the kernel and background cannot vary spatially.
-    few = ix.size < config.min_spatial_candidates
-    kernel = fit_kernel(target, ref, ix, iy, basis, stamp_half,
-                        0 if few else config.spatial_order,
-                        0 if few else config.background_order,
-                        config.clip_sigma, config.n_clip, config.min_candidates)
-    ksum = kernel.ksum
-
-    no_data_t = target.mask.is_set("NO_DATA")
-    no_data_r = ref.mask.is_set("NO_DATA")
-    unusable = science.mask.is_set(["NO_DATA", "SAT", "BAD"]) | template.mask.is_set(
-        ["NO_DATA", "SAT", "BAD"])
-    good = ~unusable
     # A warped image's variance plane is per pixel; the white noise it came from had more
     # (the warp moved the rest into correlations): the decorrelation and the difference's
     # variance use the white-noise level and the warp's noise spectrum.
     warps = (warp_kernel(target), warp_kernel(ref))
     factors = (_variance_factor(warps[0]), _variance_factor(warps[1]))
-    u_var = float(np.median(_sampled(target.variance)[_sampled(good)])) / factors[0]
-    c_var = float(np.median(_sampled(ref.variance)[_sampled(good)])) / factors[1]
-    diff = _matched_difference(_zero_where(target.image, no_data_t),
-                               _zero_where(ref.image, no_data_r),
+    # The pixels' classes and noise levels need no kernel: found in a second thread while
+    # this one chooses the stars and fits it (single-threaded numpy and Python).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        classes = pool.submit(_pixel_classes, science, template, convolve_template, half,
+                              factors, config.residual_background_mesh > 0)
+        if candidates is None:
+            candidates = find_bright_sources(target)  # x, y, snr found on binned pixels
+        ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
+                                   config.candidate_min_snr, config.candidate_max_snr,
+                                   config.cell_size, config.per_cell, config.max_candidates)
+        require_candidates(ix.size, config.min_candidates, config.candidate_min_snr,
+                           config.candidate_max_snr)
+        # Small images hold few stars: then the kernel and background cannot vary spatially.
+        few = ix.size < config.min_spatial_candidates
+        kernel = fit_kernel(target, ref, ix, iy, basis, stamp_half,
+                            0 if few else config.spatial_order,
+                            0 if few else config.background_order,
+                            config.clip_sigma, config.n_clip, config.min_candidates)
+        pixels = classes.result()
+    ksum = kernel.ksum
+    u_var, c_var = pixels.target_var, pixels.ref_var
+    diff = _matched_difference(_zero_where(target.image, pixels.no_data_target),
+                               _zero_where(ref.image, pixels.no_data_ref),
                                kernel, u_var, c_var, config.decorrelate, warps)
     uu = ((np.arange(width, dtype=np.float32) - np.float32(cx)) / np.float32(width / 2))[None, :]
     vv = ((np.arange(height, dtype=np.float32) - np.float32(cy))
           / np.float32(height / 2))[:, None]
     _subtract_background(diff, uu, vv, kernel.background.astype(np.float32))
 
-    # The matched image is undefined within the kernel's reach of the border and of the
-    # convolved image's missing pixels.
-    edge = np.ones(science.shape, bool)
-    edge[half:height - half, half:width - half] = False
-    no_data = no_data_t | (grow_square(no_data_r, half) if no_data_r.any() else no_data_r)
-    if config.residual_background_mesh:
-        # Sources found before injection are DETECTED; injected fakes carry their own planes.
-        busy = ["DETECTED", "CR", "INJECTED", "INJECTED_TEMPLATE"]
-        sky = good & ~edge & ~no_data & ~(science.mask.is_set(busy) | template.mask.is_set(busy))
-        _subtract_residual_background(diff, sky, config.residual_background_mesh)
+    no_data = pixels.no_data
+    if pixels.sky is not None:
+        _subtract_residual_background(diff, pixels.sky, config.residual_background_mesh)
     psf = science.psf
     if config.decorrelate:
         phi = decorrelation_kernel(kernel.kernels[0], u_var, c_var, 2 * size + 1, *warps)
@@ -391,11 +431,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         variance *= np.float32(1.0 / ksum**2)
         psf = _psf_through_kernel(science.psf, kernel.kernels, phi, ksum, science.shape)
 
-    # Both inputs use the default plane map; injected sources keep their INJECTED (science)
-    # and INJECTED_TEMPLATE (template) bits.
-    mask = Mask(science.mask.array | template.mask.array, science.mask.planes)
-    mask.set("NO_DATA", no_data)
-    mask.set("EDGE", edge)
+    mask = pixels.mask
     diff[no_data] = 0.0
     variance = variance.astype(np.float32, copy=False)
     variance[no_data] = np.inf
