@@ -303,21 +303,21 @@ class _PixelClasses:
     no_data_ref: np.ndarray
     #: Missing in the target, or within the kernel's reach of a missing convolved pixel.
     no_data: np.ndarray
+    #: Within the kernel's reach of the border: the matched image is undefined there.
+    edge: np.ndarray
     #: Pixels the residual background is measured on (None when it is not).
     sky: np.ndarray | None
     #: White-noise variances of the target and of the image convolved.
     target_var: float
     ref_var: float
-    #: The difference's mask: both inputs' planes, NO_DATA, and EDGE within the kernel's reach
-    #: of the border (where the matched image is undefined).
-    mask: Mask
 
 
 def _pixel_classes(science: Exposure, template: Exposure, convolve_template: bool,
                    half: int, factors: tuple[float, float], with_sky: bool) -> _PixelClasses:
     """Missing, edge and sky pixels, the white-noise levels and the output mask of an AL
     difference whose kernel has half-width ``half`` (``factors``: the variance planes' excess
-    over white noise, target's then convolved image's)."""
+    over white noise, target's then convolved image's). The output mask is left for later:
+    made now, it would add its 64 MB to the transforms' peak."""
     target, ref = (science, template) if convolve_template else (template, science)
     height, width = science.shape
     no_data_t = target.mask.is_set("NO_DATA")
@@ -334,12 +334,7 @@ def _pixel_classes(science: Exposure, template: Exposure, convolve_template: boo
         # Sources found before injection are DETECTED; injected fakes carry their own planes.
         busy = ["DETECTED", "CR", "INJECTED", "INJECTED_TEMPLATE"]
         sky = good & ~edge & ~no_data & ~(science.mask.is_set(busy) | template.mask.is_set(busy))
-    # Both inputs use the default plane map; injected sources keep their INJECTED (science)
-    # and INJECTED_TEMPLATE (template) bits.
-    mask = Mask(science.mask.array | template.mask.array, science.mask.planes)
-    mask.set("NO_DATA", no_data)
-    mask.set("EDGE", edge)
-    return _PixelClasses(no_data_t, no_data_r, no_data, sky, target_var, ref_var, mask)
+    return _PixelClasses(no_data_t, no_data_r, no_data, edge, sky, target_var, ref_var)
 
 
 def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None = None,
@@ -431,7 +426,11 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
         variance *= np.float32(1.0 / ksum**2)
         psf = _psf_through_kernel(science.psf, kernel.kernels, phi, ksum, science.shape)
 
-    mask = pixels.mask
+    # Both inputs use the default plane map; injected sources keep their INJECTED (science)
+    # and INJECTED_TEMPLATE (template) bits.
+    mask = Mask(science.mask.array | template.mask.array, science.mask.planes)
+    mask.set("NO_DATA", no_data)
+    mask.set("EDGE", pixels.edge)
     diff[no_data] = 0.0
     variance = variance.astype(np.float32, copy=False)
     variance[no_data] = np.inf
