@@ -167,6 +167,19 @@ def test_without_decorrelation_the_variance_plane_still_holds():
     assert ratio == pytest.approx(1.0, abs=0.02)
 
 
+def test_the_residual_background_can_be_kept(template_sharper):
+    pair, default = template_sharper
+    kept = al_subtract(pair.science, pair.template,
+                       AlConfig(residual_background_mesh=None)).difference
+    # The simulated pair has no background left to remove: the two differ by far less than
+    # the noise, and the masks and variances are the same.
+    far = _source_free(pair, kept.shape)
+    change = (kept.image - default.difference.image)[far] / np.sqrt(kept.variance[far])
+    assert 0 < np.sqrt(np.mean(change**2)) < 0.05
+    assert np.array_equal(kept.mask.array, default.difference.mask.array)
+    assert np.array_equal(kept.variance, default.difference.variance)
+
+
 @pytest.mark.parametrize("sigmas, degrees, half", [((0.7, 1.4, 2.8), (4, 2, 2), 10),
                                                    ((1.5, 3.0, 6.0), (4, 2, 2), 17),
                                                    ((1.0,), (1,), 3)])

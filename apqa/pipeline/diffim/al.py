@@ -380,7 +380,7 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     # this one chooses the stars and fits it (single-threaded numpy and Python).
     with ThreadPoolExecutor(max_workers=1) as pool:
         classes = pool.submit(_pixel_classes, science, template, convolve_template, half,
-                              factors, config.residual_background_mesh > 0)
+                              factors, config.residual_background_mesh is not None)
         if candidates is None:
             candidates = find_bright_sources(target)  # x, y, snr found on binned pixels
         ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,
