@@ -133,7 +133,7 @@ def _grids_may_differ(science: Path, template: Path) -> bool:
             with fits.open(path) as hdul:
                 header = next((hdu.header for hdu in hdul if hdu.header.get("NAXIS") == 2),
                               hdul[0].header)
-        except (OSError, ValueError):
+        except Exception:  # astropy raises many kinds for broken files; the reader reports
             return False
         grids.append((header.get("NAXIS1"), header.get("NAXIS2"), HeaderWcs(header, str(path))))
     (w1, h1, wcs1), (w2, h2, wcs2) = grids
