@@ -23,7 +23,8 @@ from apqa.pipeline.pixels import boxes
 if TYPE_CHECKING:
     from apqa.pipeline.diffim.zogy_types import ZogyConfig
 
-log = get_logger(__name__)
+# The flux ratio's messages keep the logger of the zogy module they come from.
+log = get_logger("apqa.pipeline.diffim.zogy")
 
 
 def _find_stars(snr_half: np.ndarray, usable: np.ndarray, threshold: float, fwhm: float,
