@@ -7,13 +7,14 @@ process wall time and peak RSS come from ``/usr/bin/time -v``. The baseline run 
 session is a plain FFT convolution of an image of the same size with a 21x21 kernel
 (scipy.signal.fftconvolve), which no PSF-matching method can beat.
 
-Run:  python benchmarks/bench_diff.py [--size 4096]
+Run:  python benchmarks/bench_diff.py [--size 4096] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -74,33 +75,45 @@ def _fft_baseline(height: int, width: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all cases, interleaved (the host's speed drifts); "
+                             "medians are printed after more than one")
     args = parser.parse_args()
     apqa = str(Path(sys.executable).parent / "apqa")
+    walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sci, tpl = _write_pair(folder, args.size, args.size, (0.0, 0.0))
-        for algorithm in ("al", "zogy"):
-            wall, rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
-                                       str(tpl), "--out", str(folder / f"d_{algorithm}.fits"),
-                                       "--algorithm", algorithm])
-            print(f"{args.size}x{args.size} aligned, {algorithm}: {wall:.2f} s wall, "
-                  f"peak RSS {rss:.2f} GB")
-        # The same AL run with the platform's allocator defaults (see apqa.allocator).
-        os.environ["APQA_TUNE_ALLOCATOR"] = "0"
-        try:
-            wall, rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
-                                       str(tpl), "--out", str(folder / "d_default.fits")])
-        finally:
-            del os.environ["APQA_TUNE_ALLOCATOR"]
-        print(f"{args.size}x{args.size} aligned, al, allocator defaults: {wall:.2f} s wall, "
-              f"peak RSS {rss:.2f} GB")
-        base = _fft_baseline(args.size, args.size)
-        print(f"  baseline fftconvolve {args.size}x{args.size} with 21x21: {base:.2f} s; "
-              f"{first_touch_report()}")
-        sci, tpl = _write_pair(folder, 4096, 2048, (3.3, -2.7), seed=1)
-        wall, rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
-                                   str(tpl), "--out", str(folder / "d_warp.fits")])
-        print(f"2048x4096 with warping, al: {wall:.2f} s wall, peak RSS {rss:.2f} GB")
+        (folder / "warp").mkdir()
+        warp_sci, warp_tpl = _write_pair(folder / "warp", 4096, 2048, (3.3, -2.7), seed=1)
+
+        def diff(case: str, science: Path, template: Path, *extra: str) -> None:
+            wall, rss = timed_process([apqa, "-q", "diff", "--science", str(science),
+                                       "--template", str(template), "--out",
+                                       str(folder / "d.fits"), *extra])
+            walls.setdefault(case, []).append(wall)
+            print(f"{case}: {wall:.2f} s wall, peak RSS {rss:.2f} GB", flush=True)
+
+        aligned = f"{args.size}x{args.size} aligned"
+        for _ in range(args.repeats):
+            diff(f"{aligned}, al", sci, tpl)
+            diff(f"{aligned}, zogy", sci, tpl, "--algorithm", "zogy")
+            # The same AL run with the platform's allocator defaults (see apqa.allocator).
+            os.environ["APQA_TUNE_ALLOCATOR"] = "0"
+            try:
+                diff(f"{aligned}, al, allocator defaults", sci, tpl)
+            finally:
+                del os.environ["APQA_TUNE_ALLOCATOR"]
+            base = _fft_baseline(args.size, args.size)
+            walls.setdefault("fftconvolve baseline", []).append(base)
+            print(f"  baseline fftconvolve {args.size}x{args.size} with 21x21: {base:.2f} s; "
+                  f"{first_touch_report()}")
+            diff("2048x4096 with warping, al", warp_sci, warp_tpl)
+    if args.repeats > 1:
+        print("medians over the rounds:")
+        for case, values in walls.items():
+            print(f"  {case}: {statistics.median(values):.2f} s "
+                  f"({min(values):.2f}-{max(values):.2f} s)")
 
 
 if __name__ == "__main__":
