@@ -31,6 +31,10 @@ import os
 import platform
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: ``mallopt`` parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -87,6 +91,23 @@ def tune_allocator() -> dict[str, bool]:
                 mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
             applied["one_arena"] = bool(mallopt(_M_ARENA_MAX, 1))
     return applied
+
+
+def written_zeros(shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> np.ndarray:
+    """A zero array written through at once, for buffers that are read before they are
+    written (masks, accumulators).
+
+    ``np.zeros`` takes fresh memory from ``calloc``, which is not written: reading it maps the
+    kernel's zero page, and each later write then replaces a page and flushes it from the TLB
+    of every core running the process. With another thread busy, setting a plane in a fresh
+    4096x4096 mask read before took 0.5 s on the project's virtual machines, against 0.01 s
+    for one written through.
+    """
+    import numpy as np
+
+    array = np.empty(shape, dtype)
+    array.fill(0)
+    return array
 
 
 def worker_environ() -> dict[str, str]:

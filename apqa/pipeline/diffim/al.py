@@ -10,7 +10,6 @@ Pixels within the kernel's reach of the border or of missing data are masked EDG
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +34,7 @@ from apqa.pipeline.diffim.prepare import find_bright_sources
 from apqa.pipeline.diffim.warp_resample import noise_transfer
 from apqa.pipeline.fftconv import centred_kernel_spectrum, convolve_same
 from apqa.pipeline.pixels import boxes, grow_square
+from apqa.pipeline.threads import beside, core_budget
 
 SIGMA_TO_FWHM = 2.3548
 
@@ -376,11 +376,10 @@ def al_subtract(science: Exposure, template: Exposure, config: AlConfig | None =
     # variance use the white-noise level and the warp's noise spectrum.
     warps = (warp_kernel(target), warp_kernel(ref))
     factors = (_variance_factor(warps[0]), _variance_factor(warps[1]))
-    # The pixels' classes and noise levels need no kernel: found in a second thread while
-    # this one chooses the stars and fits it (single-threaded numpy and Python).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        classes = pool.submit(_pixel_classes, science, template, convolve_template, half,
-                              factors, config.residual_background_mesh is not None)
+    # The pixels' classes and noise levels need no kernel: found in a second thread (when the
+    # caller's cores allow) while this one chooses the stars and fits it.
+    with beside(core_budget(), _pixel_classes, science, template, convolve_template, half,
+                factors, config.residual_background_mesh is not None) as classes:
         if candidates is None:
             candidates = find_bright_sources(target)  # x, y, snr found on binned pixels
         ix, iy = select_candidates(candidates, target, ref, stamp_half + half, stamp_half,

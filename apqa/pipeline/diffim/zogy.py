@@ -57,7 +57,6 @@ make this no slower than one image-sized FFT.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -87,10 +86,9 @@ from apqa.pipeline.diffim.zogy_tiles import (
     _padded_shape,
     _padded_variance,
     _Tile,
-    core_budget,
-    on_both,
 )
 from apqa.pipeline.diffim.zogy_types import ZogyConfig, ZogyResult, _output_mask
+from apqa.pipeline.threads import beside, core_budget, on_both
 
 log = get_logger(__name__)
 
@@ -256,10 +254,8 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         snr_n, snr_r = _smoothed_half(img_n, fwhm_n, untapered, workers), None
     # F_r / F_n (given, fitted on bright stars, or from the calibrations) beside the noise
     # statistics: neither needs the other.
-    ratio_args = (science, template, img_n, img_r, bad, snr_n, untapered, cells_y, cells_x,
-                  cell_psfs, fwhm_max, config)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ratio_future = (pool.submit(choose_flux_ratio, *ratio_args) if budget > 1 else None)
+    with beside(budget, choose_flux_ratio, science, template, img_n, img_r, bad, snr_n,
+                untapered, cells_y, cells_x, cell_psfs, fwhm_max, config) as choosing:
         sources = _source_pixels(mask_sources, science, template, snr_n,
                                  snr_r if snr_r is not None else snr_n,
                                  config.source_threshold, math.ceil(fwhm_max))
@@ -273,8 +269,7 @@ def zogy_subtract(science: Exposure, template: Exposure, config: ZogyConfig | No
         (sigma_n, ratio_n), (sigma_r, ratio_r) = on_both(
             _noise_stats, (img_n[sl], var_n[sl], stat_s, "science"),
             (img_r[sl], var_r[sl], stat_s, "template"), budget)
-        ratio = (ratio_future.result() if ratio_future is not None
-                 else choose_flux_ratio(*ratio_args))
+        ratio = choosing.result()
     flux_ratio = ratio.value
 
     # Difference, score and their variances: one region with the PSFs at the image centre, or

@@ -1,29 +1,26 @@
 """ZOGY's FFT grids and tiling: zero-padded buffers, the filtering of one region into D, S and
-their variances, the overlapping tiles that follow spatially varying PSFs, and the threads the
-work runs in.
+their variances, and the overlapping tiles that follow spatially varying PSFs.
 
 Split from :mod:`apqa.pipeline.diffim.zogy`, which holds the public API and the main flow.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import fft as sfft
 
+from apqa.allocator import written_zeros
 from apqa.pipeline.diffim.zogy_kernels import _Kernels, _zogy_kernels
 from apqa.pipeline.diffim.zogy_noise import _astrometric_variance
 from apqa.pipeline.fftconv import centred_kernel_spectrum
+from apqa.pipeline.threads import core_budget
 
 if TYPE_CHECKING:
     from apqa.pipeline.diffim.zogy_types import ZogyConfig
-
-T = TypeVar("T")
 
 #: Half-width (pixels) of the blending ramps between tiles.
 _TILE_BLEND = 32
@@ -151,26 +148,6 @@ def _filter_region(buf_n: np.ndarray, buf_r: np.ndarray, buf_vn: np.ndarray, buf
     return diff, score, var_d, var_s
 
 
-def core_budget(workers: int | None) -> int:
-    """Cores ZOGY may use: ``ZogyConfig.workers``, else scipy.fft's setting (all cores in
-    ``apqa diff``, one on a Dask worker)."""
-    budget = workers if workers is not None else sfft.get_workers()
-    if budget < 0:  # scipy's convention: -1 is every core
-        budget = max(1, (os.cpu_count() or 1) + 1 + budget)
-    return budget
-
-
-def on_both(function: Callable[..., T], science_args: tuple, template_args: tuple,
-            budget: int) -> tuple[T, T]:
-    """``function`` on the science's and on the template's arguments, in two threads when the
-    core budget allows (the image-sized numpy work in ZOGY's set-up releases the GIL)."""
-    if budget < 2:
-        return function(*science_args), function(*template_args)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        template_result = pool.submit(function, *template_args)
-        return function(*science_args), template_result.result()
-
-
 def _cell_bounds(n: int, tile_size: int | None) -> np.ndarray:
     """Boundaries of the tiles along one axis: about ``tile_size`` pixels each."""
     count = 1 if tile_size is None else max(1, round(n / tile_size))
@@ -237,7 +214,7 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndarray,
     wx = _partition(width, cells_x, blend)
     # D, S, var(D), var(S): the score's two only when asked for.
     wanted = (True, with_score, True, with_score)
-    outputs = tuple(_written_zeros((height, width)) if w else None for w in wanted)
+    outputs = tuple(written_zeros((height, width), np.float32) if w else None for w in wanted)
     cells = [(j, i) for j in range(len(cells_y) - 1) for i in range(len(cells_x) - 1)]
 
     def one_tile(cell: tuple[int, int]) -> tuple[_Tile, tuple[slice, slice], tuple]:
@@ -283,11 +260,3 @@ def _filter_tiles(img_n: np.ndarray, img_r: np.ndarray, var_n: np.ndarray,
                 if piece is not None:
                     total[window] += piece
     return tiles, outputs
-
-
-def _written_zeros(shape: tuple[int, int]) -> np.ndarray:
-    """A float32 zero image written through at once (see :meth:`apqa.datamodel.Mask.zeros`:
-    adding into fresh ``np.zeros`` memory faults every page twice)."""
-    out = np.empty(shape, np.float32)
-    out.fill(0)
-    return out
