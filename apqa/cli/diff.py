@@ -70,12 +70,10 @@ def diff(
             from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 
             cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
-            from apqa.datamodel.fits_plain import load_leap_seconds
             from apqa.datamodel.psf_file import read_psf_images
 
             # A template's PSF applies on its own grid; a warp carries it to the science's.
             psfs = read_psf_images(science_psf, template_psf)
-            load_leap_seconds()  # meanwhile the readers decode pixels (their MJDs need it)
             with all_cores(), console.status(
                     "[bold]reading and characterizing science and template") as status:
                 sci, tmp, sci_sources = prepare_pair(reading[0].result, reading[1].result, cfg,

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
-from astropy.time import Time, TimeDelta
 from scipy.ndimage import maximum_filter, uniform_filter
 
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.header_wcs import HeaderWcs, parse_wcs
 from apqa.datamodel.mask import Mask
+from apqa.datamodel.obs_time import mjd_tai
 from apqa.datamodel.photocalib import PhotoCalib
 from apqa.datamodel.visitinfo import DetectorInfo, VisitInfo
 from apqa.errors import InputError
@@ -87,33 +87,24 @@ def band_from_filter(physical_filter: str) -> str:
     return first.lower() or "unknown"
 
 
-def load_leap_seconds() -> None:
-    """Load astropy's leap-second table, as the first UTC to TAI conversion of a plain image's
-    MJD-OBS would (0.1 s: it imports astropy.utils.iers and astropy.table).
-
-    ``apqa diff`` calls it on its main thread while its readers decode the pixels, so that
-    their last step does not wait for it.
-    """
-    Time(51544.0, format="mjd", scale="utc").tai  # noqa: B018 (the conversion loads it)
-
-
 def _mid_exposure_mjd_tai(header: fits.Header, exptime: float, source: str) -> float:
     scale = str(header.get("TIMESYS", "UTC")).strip().lower()
     if scale not in {"utc", "tai", "tt", "tdb", "ut1", "tcg", "tcb"}:
         scale = "utc"
     try:
         if "MJD-OBS" in header:
-            start = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
-        elif "DATE-OBS" in header:
+            return mjd_tai(float(header["MJD-OBS"]), scale, exptime / 2)
+        if "DATE-OBS" in header:
+            from astropy.time import Time
+
             value = str(header["DATE-OBS"])
             if "T" not in value and "TIME-OBS" in header:
                 value = f"{value}T{header['TIME-OBS']}"
             start = Time(value, format="isot" if "T" in value else "iso", scale=scale)
-        else:
-            return float("nan")
+            return mjd_tai(start.mjd, scale, exptime / 2)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{source}: header MJD-OBS/DATE-OBS: expected a date ({exc})") from None
-    return float((start + TimeDelta(exptime / 2, format="sec")).tai.mjd)
+    return float("nan")
 
 
 def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[float, float]:

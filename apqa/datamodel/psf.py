@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import scipy.fft as sfft
 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 #: The Moffat profile is tapered smoothly to zero between this fraction of the truncation
@@ -415,6 +414,8 @@ def convolve_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     >>> convolve_full(np.ones((2, 2)), np.ones((3, 3))).shape
     (4, 4)
     """
+    import scipy.fft as sfft  # here: apqa.datamodel is imported before the reads start
+
     shape = (a.shape[0] + b.shape[0] - 1, a.shape[1] + b.shape[1] - 1)
     fast = (sfft.next_fast_len(shape[0], real=True), sfft.next_fast_len(shape[1], real=True))
     product = sfft.rfft2(a, s=fast) * sfft.rfft2(b, s=fast)
