@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,24 +50,28 @@ def diff(
     template_psf: TemplatePsfOption = None,
 ) -> None:
     """Subtract a template from a science image: PSF matching, decorrelation, difference PSF."""
-    import apqa.datamodel  # noqa: F401 (before the readers start: they use it)
+    # Imports happen on this thread only: CPython (before 3.13) can fail an import that runs
+    # into another thread's first import of the same package (seen: KeyError 'scipy'). The
+    # readers need numpy and astropy.io.fits only, not scipy (imported while they read).
+    import apqa.datamodel.fits_io  # noqa: F401 (what the readers run)
+    from apqa.datamodel.obs_time import leap_seconds
 
     console = Console(stderr=True)
     try:
         if algorithm not in ("al", "zogy"):
             raise InputError(f"--algorithm {algorithm!r}: expected 'al' or 'zogy'")
         start = time.perf_counter()
+        leap_seconds()  # the readers' last step needs it
         with ThreadPoolExecutor(max_workers=2) as readers:
             # The images are read while the differencing code is imported (numpy and the
             # FITS reader release the GIL for the pixels). Their WCSs are parsed only if the
             # grids differ (astropy.wcs costs 0.13 s to import).
             reading = [readers.submit(_read_after_prefault, path) for path in (science, template)]
-            if _grids_may_differ(science, template):
-                # What the warp needs (astropy.wcs and scipy.interpolate, 0.35 s), imported
-                # from now on in the gaps the other threads leave.
-                threading.Thread(target=_import_warp_modules, daemon=True).start()
             from apqa.pipeline.diffim.subtract import DiffConfig, prepare_pair, subtract
 
+            if _grids_may_differ(science, template):  # what the warp needs (0.35 s)
+                import astropy.wcs  # noqa: F401
+                import scipy.interpolate  # noqa: F401
             cfg = load_config(DiffConfig, config).model_copy(update={"algorithm": algorithm})
             from apqa.datamodel.psf_file import read_psf_images
 
@@ -110,11 +113,6 @@ def _read_after_prefault(path: Path) -> Exposure:
 
     wait_for_prefault()
     return Exposure.from_fits(path, defer_wcs=True)
-
-
-def _import_warp_modules() -> None:
-    import astropy.wcs  # noqa: F401
-    import scipy.interpolate  # noqa: F401
 
 
 def _grids_may_differ(science: Path, template: Path) -> bool:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
-from scipy.ndimage import maximum_filter, uniform_filter
 
 from apqa.datamodel.exposure import Exposure
 from apqa.datamodel.header_wcs import HeaderWcs, parse_wcs
@@ -125,8 +124,8 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
     # The smoothed image with unusable pixels at the current median, by linearity:
     # smooth(where(usable, data, m)) = smooth(data * usable) + m * (1 - smooth(usable)).
     all_usable = bool(usable.all())
-    smooth_data = uniform_filter(data if all_usable else np.where(usable, data, np.float32(0)), 5)
-    fill = None if all_usable else 1.0 - uniform_filter(usable.astype(np.float32), 5)
+    smooth_data = _box_mean(data if all_usable else np.where(usable, data, np.float32(0)), 2)
+    fill = None if all_usable else 1.0 - _box_mean(usable.astype(np.float32), 2)
     previous = None
     for _ in range(3):
         if mad == 0:
@@ -134,7 +133,7 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
         threshold = median + 0.8 * mad
         above = (smooth_data > threshold if fill is None
                  else smooth_data + np.float32(median) * fill > threshold)
-        sources = maximum_filter(above.view(np.uint8), size=9)
+        sources = _grown(above.view(np.uint8), 4)
         if previous is not None and np.array_equal(sources, previous):
             break  # the same pixels again: the same two numbers
         values = data[usable & (sources == 0)]
@@ -143,6 +142,39 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
         median, mad = _median_and_mad(values)
         previous = sources
     return median, mad**2
+
+
+# numpy only, not scipy.ndimage: apqa diff reads its images while scipy is being imported on
+# the main thread, and a thread that imports scipy then can break that import (CPython < 3.13).
+
+def _box_mean(image: np.ndarray, half: int) -> np.ndarray:
+    """Mean over the (2 half + 1)^2 box around each pixel, edges mirrored (as
+    ``scipy.ndimage.uniform_filter``), in float32."""
+    height, width = image.shape
+    size = 2 * half + 1
+    padded = np.pad(np.asarray(image, np.float32), half, mode="symmetric")
+    columns = padded[:, :width].copy()
+    for i in range(1, size):
+        columns += padded[:, i:i + width]
+    out = columns[:height].copy()
+    for i in range(1, size):
+        out += columns[i:i + height]
+    out *= np.float32(1.0 / size**2)
+    return out
+
+
+def _grown(flags: np.ndarray, half: int) -> np.ndarray:
+    """Maximum of uint8 ``flags`` over the (2 half + 1)^2 box around each pixel (as
+    ``scipy.ndimage.maximum_filter``: mirrored edges add nothing to a box maximum)."""
+    height, width = flags.shape
+    padded = np.pad(flags, half)
+    columns = padded[:, :width].copy()
+    for i in range(1, 2 * half + 1):
+        np.maximum(columns, padded[:, i:i + width], out=columns)
+    out = columns[:height].copy()
+    for i in range(1, 2 * half + 1):
+        np.maximum(out, columns[i:i + height], out=out)
+    return out
 
 
 def _median_and_mad(values: np.ndarray) -> tuple[float, float]:
