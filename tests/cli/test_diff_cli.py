@@ -214,6 +214,31 @@ def test_aligned_pair_is_differenced_without_parsing_a_wcs(pair, tmp_path):
                                pair.science.wcs.all_pix2world(x, y, 0), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("algorithm,crval_shift", [("al", 0.0), ("zogy", 0.0), ("al", 2e-4)])
+def test_every_first_import_happens_on_the_main_thread(pair, tmp_path, algorithm, crval_shift):
+    # CPython before 3.13 can fail an import that meets another thread's first import of the
+    # same package (seen as "KeyError: 'scipy'" in one run of twelve): apqa diff's readers,
+    # preparation and tile threads must find every module they use already imported.
+    sci = _write(pair.science, tmp_path / "sci.fits")
+    tpl = _write(pair.template, tmp_path / "tpl.fits", crval_shift=crval_shift)
+    out = tmp_path / "d.fits"
+    code = ("import atexit, sys, threading\n"
+            "off_main = []\n"
+            "class Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if threading.current_thread() is not threading.main_thread():\n"
+            "            off_main.append((threading.current_thread().name, name))\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "atexit.register(lambda: print(off_main))\n"
+            "from apqa.cli.app import main\n"
+            f"sys.argv = ['apqa', 'diff', '--science', {str(sci)!r}, '--template', "
+            f"{str(tpl)!r}, '--out', {str(out)!r}, '--algorithm', {algorithm!r}]\n"
+            "main()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_grids_that_differ_are_told_from_the_headers(pair, tmp_path):
     # The hint that starts importing the warp's modules early (only the import order
     # depends on it; the subtraction decides from the exposures themselves).
