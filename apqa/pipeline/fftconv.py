@@ -38,11 +38,19 @@ def convolve_same(image: np.ndarray, kernels: list[np.ndarray]) -> list[np.ndarr
     return outs
 
 
+#: Kernels up to this size are transformed along y by a matrix product with the few DFT
+#: columns their rows need: on a 4320-pixel grid 0.02 s against the FFT's 0.07 s for AL's
+#: 21-pixel kernels (the FFT wins from about 65 pixels on).
+DFT_PRODUCT_MAX_SIZE = 40
+
+
 def centred_kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int],
                             workers: int | None = None) -> np.ndarray:
     """``rfft2`` over ``shape`` of an odd-sized ``kernel`` placed with its centre at pixel
-    (0, 0) (wrapped), at about half the cost of the full transform: only the kernel's rows are
-    non-zero, so they alone are transformed along x before the complex transform along y.
+    (0, 0) (wrapped), at about half the cost of the full transform or less: only the kernel's
+    rows are non-zero, so they alone are transformed along x; along y, a small kernel's few
+    rows are combined by a matrix product with their DFT columns
+    (:data:`DFT_PRODUCT_MAX_SIZE`), a large one's by the complex FFT.
 
     Examples
     --------
@@ -58,6 +66,15 @@ def centred_kernel_spectrum(kernel: np.ndarray, shape: tuple[int, int],
     rows[:, :half + 1] = kernel[:, half:]
     rows[:, shape[1] - half:] = kernel[:, :half]
     rows_hat = sfft.rfft(rows, axis=1, workers=workers)
+    if size <= DFT_PRODUCT_MAX_SIZE:
+        # Row j holds the kernel's row at y = j - half (wrapped); the phases are reduced
+        # modulo the grid in integers, so they are exact before the cast to complex64.
+        frequency = np.arange(shape[0])[:, None]
+        offset = (np.arange(size) - half)[None, :]
+        phases = (frequency * offset) % shape[0] * (-2 * np.pi / shape[0])
+        dft = np.empty(phases.shape, np.complex64)
+        dft.real, dft.imag = np.cos(phases), np.sin(phases)
+        return dft @ rows_hat.astype(np.complex64, copy=False)
     out = np.zeros((shape[0], rows_hat.shape[1]), np.complex64)
     out[:half + 1] = rows_hat[half:]
     out[shape[0] - half:] = rows_hat[:half]
