@@ -247,10 +247,11 @@ def _matched_difference(target: np.ndarray, ref: np.ndarray, kernel: MatchingKer
     (~1e-3 of an already small correction).
     """
     height, width = target.shape
-    half = kernel.size // 2
-    # Zero padding by the kernel's half-width: 'same' convolution without wrap-around.
-    shape = (sfft.next_fast_len(height + half, real=True),
-             sfft.next_fast_len(width + half, real=True))
+    # No padding for the kernel: what its circular convolution wraps around lands within its
+    # half-width of the border, masked EDGE as undefined anyway (with padding, the pixels
+    # beyond the border were zeros, no better). A 4096-pixel side then keeps its fastest
+    # transform length (0.23 s against 0.31 s for 4320 per transform pair, 2 cores).
+    shape = (sfft.next_fast_len(height, real=True), sfft.next_fast_len(width, real=True))
     fr = sfft.rfft2(ref, s=shape)
     fk0 = centred_kernel_spectrum(kernel.kernels[0], shape)
     phi = None
