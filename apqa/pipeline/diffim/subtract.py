@@ -87,7 +87,8 @@ def _noise_ratio(difference: Exposure, science: Exposure, template: Exposure) ->
 
 def prepare_pair(science: Exposure | Callable[[], Exposure],
                  template: Exposure | Callable[[], Exposure], config: DiffConfig | None = None,
-                 psfs: tuple[Psf | None, Psf | None] = (None, None)
+                 psfs: tuple[Psf | None, Psf | None] = (None, None),
+                 meanwhile: Callable[[], object] | None = None
                  ) -> tuple[Exposure, Exposure, Columns | None]:
     """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
     and FFT calls release the GIL), returning the science sources too.
@@ -95,7 +96,8 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
     Each image may be given as a loader (e.g. ``lambda: Exposure.from_fits(path)``), which
     then runs in the image's thread, so that reading overlaps too, and the image it returns is
     prepared in place (nobody else holds it). ``psfs`` replace the science's and the
-    template's own PSF models where given.
+    template's own PSF models where given. ``meanwhile`` runs on the calling thread while the
+    images are prepared (``apqa diff`` imports the warp's modules there).
     """
     def load_and_prepare(image: Exposure | Callable[[], Exposure], psf: Psf | None
                          ) -> tuple[Exposure, Columns | None]:
@@ -106,6 +108,8 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
     with ThreadPoolExecutor(max_workers=2) as pool:
         sci_future = pool.submit(load_and_prepare, science, psfs[0])
         tpl_future = pool.submit(load_and_prepare, template, psfs[1])
+        if meanwhile is not None:
+            meanwhile()
         (sci, sources), (tpl, _) = sci_future.result(), tpl_future.result()
     return sci, tpl, sources
 
