@@ -15,10 +15,6 @@ from typing import NamedTuple
 
 SECONDS_PER_DAY = 86400.0
 
-#: Time scales converted here without astropy.time.
-DIRECT_SCALES = frozenset({"utc", "tai"})
-
-
 class LeapSeconds(NamedTuple):
     """The IERS leap-second table: from ``starts[i]`` (UTC MJD) on, TAI - UTC is
     ``offsets[i]`` seconds, until ``expires`` (UTC MJD), past which it is not known."""
