@@ -8,7 +8,6 @@ or ZOGY and adds the quality numbers every algorithm shares.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -24,6 +23,7 @@ from apqa.pipeline.diffim.al import AlConfig, DiffimResult, al_subtract
 from apqa.pipeline.diffim.prepare import PrepareConfig, prepare_for_difference
 from apqa.pipeline.diffim.warp import WarpConfig, is_aligned, warp_exposure
 from apqa.pipeline.diffim.zogy import ZogyConfig, zogy_subtract
+from apqa.pipeline.threads import beside, core_budget
 
 log = get_logger(__name__)
 
@@ -90,8 +90,9 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
                  psfs: tuple[Psf | None, Psf | None] = (None, None),
                  meanwhile: Callable[[], object] | None = None
                  ) -> tuple[Exposure, Exposure, Columns | None]:
-    """:func:`prepare_exposure` on both images at once (two threads: the heavy numpy, scipy
-    and FFT calls release the GIL), returning the science sources too.
+    """:func:`prepare_exposure` on both images at once (two threads when the core budget
+    allows, :mod:`apqa.pipeline.threads`: the heavy numpy, scipy and FFT calls release the
+    GIL), returning the science sources too.
 
     Each image may be given as a loader (e.g. ``lambda: Exposure.from_fits(path)``), which
     then runs in the image's thread, so that reading overlaps too, and the image it returns is
@@ -105,12 +106,13 @@ def prepare_pair(science: Exposure | Callable[[], Exposure],
             return prepare_exposure(image, config, psf=psf)
         return prepare_exposure(image(), config, overwrite_input=True, psf=psf)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        sci_future = pool.submit(load_and_prepare, science, psfs[0])
-        tpl_future = pool.submit(load_and_prepare, template, psfs[1])
+    # One after the other on a one-core budget (a Dask worker's), else side by side.
+    budget = core_budget()
+    with beside(budget, load_and_prepare, template, psfs[1]) as tpl_result, \
+            beside(budget, load_and_prepare, science, psfs[0]) as sci_result:
         if meanwhile is not None:
             meanwhile()
-        (sci, sources), (tpl, _) = sci_future.result(), tpl_future.result()
+        (sci, sources), (tpl, _) = sci_result.result(), tpl_result.result()
     return sci, tpl, sources
 
 

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-import scipy.fft
 from pydantic import Field
 
 from apqa.config import ConfigModel
@@ -63,6 +62,7 @@ from apqa.log import get_logger
 from apqa.pipeline.diffim.warp_mapping import _build_mapping, _celestial, _exact_map
 from apqa.pipeline.diffim.warp_psf import _warp_psf
 from apqa.pipeline.diffim.warp_resample import _Resampler
+from apqa.pipeline.threads import core_budget
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
@@ -227,7 +227,7 @@ def warp_exposure(template: Exposure, wcs: WCS | HeaderWcs, shape: tuple[int, in
         mask[y0:y1] = msk.reshape(y1 - y0, width)
 
     starts = range(0, height, rows_per_chunk)
-    workers = config.workers or scipy.fft.get_workers()
+    workers = core_budget(config.workers)
     if workers > 1:
         # Chunks write disjoint rows of the outputs; the resampler is only read.
         with ThreadPoolExecutor(max_workers=workers) as pool:
