@@ -10,7 +10,7 @@ from apqa.pipeline.pixels import bin_sum
 
 
 def subtract_binned_background(image: np.ndarray, masked: np.ndarray, mesh: int = 128,
-                               filter_size: int = 3, factor: int = 4) -> tuple[float, float]:
+                               filter_size: int = 3, factor: int = 4) -> float:
     """Subtract the sky in place: sep's mesh background (``mesh`` pixels, median filter over
     ``filter_size`` meshes) measured on ``factor`` x ``factor``-binned pixels, interpolated
     back bilinearly a block of rows at a time.
@@ -20,15 +20,17 @@ def subtract_binned_background(image: np.ndarray, masked: np.ndarray, mesh: int 
     a bin. sep holds Python's GIL while it works (sep-developers/sep#172): on a 4096x4096
     image its full-resolution background took 0.19 s during which the other image's thread,
     in ``apqa diff``, could not run; binned, 0.01 s. Bins holding a masked pixel are left out
-    (masked pixels may be NaN: they stay NaN). Returns the global sky level and the noise per
-    pixel (robust width of the unmasked pixels after subtraction).
+    (masked pixels may be NaN: they stay NaN). Returns the global sky level; the noise per
+    pixel left is :func:`clipped_rms`.
 
     Examples
     --------
     >>> image = np.random.default_rng(0).normal(50.0, 2.0, (256, 256)).astype(np.float32)
-    >>> level, rms = subtract_binned_background(image, np.zeros(image.shape, bool))
-    >>> round(level), round(rms), abs(float(image.mean())) < 0.1
-    (50, 2, True)
+    >>> level = subtract_binned_background(image, np.zeros(image.shape, bool))
+    >>> round(level), round(clipped_rms(image, np.zeros(image.shape, bool)))
+    (50, 2)
+    >>> abs(float(image.mean())) < 0.1
+    True
     """
     binned = bin_sum(image, factor)
     size = max(1, mesh // factor)
@@ -66,10 +68,10 @@ def subtract_binned_background(image: np.ndarray, masked: np.ndarray, mesh: int 
             upper *= wy
             block += upper
             image[rows] -= block
-    return float(bkg.globalback) / factor**2, _clipped_rms(image, masked)
+    return float(bkg.globalback) / factor**2
 
 
-def _clipped_rms(image: np.ndarray, masked: np.ndarray, clip: float = 2.5,
+def clipped_rms(image: np.ndarray, masked: np.ndarray, clip: float = 2.5,
                  iterations: int = 5) -> float:
     """Noise per pixel: robust width (MAD) of the unmasked pixels, iteratively clipped at
     ``clip`` widths so that sources do not widen it.

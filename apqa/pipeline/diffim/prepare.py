@@ -24,7 +24,7 @@ from apqa.datamodel import Exposure, MoffatPsf
 from apqa.datamodel.psf import Psf
 from apqa.errors import StageError
 from apqa.log import get_logger
-from apqa.pipeline.background import subtract_binned_background
+from apqa.pipeline.background import clipped_rms, subtract_binned_background
 from apqa.pipeline.cosmic_rays import (
     CosmicRayConfig,
     detect_cosmic_rays,
@@ -306,8 +306,9 @@ def prepare_for_difference(exposure: Exposure, config: PrepareConfig | None = No
         raise StageError("image is flat or empty: no background or sources to measure")
     variance = exposure.variance
     # Masked pixels may be NaN for the sky (they stay NaN); zeroed after it for what follows.
-    sky_level, sky_rms = subtract_binned_background(image, masked, config.background_mesh,
-                                                    config.background_filter, config.binning)
+    sky_level = subtract_binned_background(image, masked, config.background_mesh,
+                                           config.background_filter, config.binning)
+    sky_rms = clipped_rms(image, masked)
     image[masked & ~np.isfinite(image)] = 0.0
 
     objects, segmap = _find_sources(image, variance, masked, config)
