@@ -54,6 +54,7 @@ def diff(
     # into another thread's first import of the same package (seen: KeyError 'scipy'). The
     # readers need numpy and astropy.io.fits only, not scipy (imported while they read).
     import apqa.datamodel.fits_io  # noqa: F401 (what the readers run)
+    from apqa.datamodel.direct_io import writes_direct
     from apqa.datamodel.obs_time import leap_seconds
 
     console = Console(stderr=True)
@@ -85,11 +86,13 @@ def diff(
                 status.update(f"[bold]subtracting ({algorithm})")
                 result, score_image = subtract(sci, tmp, cfg, science_sources=sci_sources,
                                                with_score=score is not None)
-        # The inputs are done with. Where the output cannot be written past the page cache
-        # (see apqa.datamodel.direct_io), their memory is what its cache pages reuse.
+        # The inputs are done with. Where an output goes through the page cache (the score
+        # image; the difference where direct I/O is refused, see apqa.datamodel.direct_io),
+        # their memory is what its cache pages reuse.
         result.template = None
         del sci, tmp, reading
-        release_free_heap()
+        if score is not None or not writes_direct(out.absolute().parent):
+            release_free_heap()
         result.difference.write_fits(out)
         if score is not None and score_image is not None:
             import numpy as np

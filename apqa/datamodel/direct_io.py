@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -34,6 +35,22 @@ ALIGN = 4096
 #: Bytes staged before each direct write.
 STAGE_BYTES = 4 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def writes_direct(directory: str | os.PathLike) -> bool:
+    """Whether files in ``directory`` can be written past the page cache: a probe file is
+    opened there with ``O_DIRECT`` and removed (False where the system or the filesystem
+    has no direct I/O, or the directory cannot be written)."""
+    if not _O_DIRECT:
+        return False
+    probe = os.path.join(directory, f".apqa-direct-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 class StreamWriter:

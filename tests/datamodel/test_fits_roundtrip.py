@@ -441,3 +441,15 @@ def test_direct_writes_refused_mid_file_go_on_buffered(tmp_path, monkeypatch):
     assert (tmp_path / "fallback.fits").read_bytes() == (tmp_path / "reference.fits").read_bytes()
     if direct_io._O_DIRECT and refused:  # where direct I/O was on at all
         assert len(refused) == 1
+
+
+def test_direct_io_probe_leaves_nothing_behind(tmp_path):
+    from apqa.datamodel.direct_io import StreamWriter, writes_direct
+
+    # The probe says what the writer then does (direct on ext4 and xfs, buffered on tmpfs),
+    # and leaves no file; a directory that does not exist cannot be written at all.
+    probed = writes_direct(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with StreamWriter(tmp_path / "x.bin") as writer:
+        assert writer.direct == probed
+    assert writes_direct(tmp_path / "missing") is False
