@@ -160,7 +160,7 @@ def main() -> None:
            "MKL_NUM_THREADS": "1"}
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
                                        env=env).stdout.strip().splitlines()[-1])
-    wall, rss = timed_process([*cmd, "--skip-baseline"])
+    wall, rss = timed_process([*cmd, "--skip-baseline"], single_core=True)
     p, g = args.points, args.galaxies
     print(f"{p} point sources into {SIZE}x{SIZE} (varying PSF), one core, best of 3:")
     print(f"  with noise {result['points_noise']['best']:.3f} s "

@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         timed_process([apqa, "-q", "simulate", "--dataset", args.dataset, "--visits", "1",
-                       "--out", str(data)])
+                       "--out", str(data)], single_core=True)
         manifest = json.loads((data / "manifest.json").read_text())
         entry = manifest["exposures"][-1]
         out = Path(tmp) / "proc"
@@ -79,7 +79,7 @@ def main() -> None:
             apqa, "-q", "process", "--exposure", str(data / entry["raw"]),
             "--bias", str(data / entry["bias"]), "--flat", str(data / entry["flat"]),
             "--defects", str(data / entry["defects"]), "--refcat", str(data / "refcat.parquet"),
-            "--out", str(out)])
+            "--out", str(out)], single_core=True)
         report = json.loads((out / "process.json").read_text())
     stages = " ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items())
     print(f"dataset {args.dataset}, single core")

@@ -51,13 +51,15 @@ def main() -> None:
         sci, tpl = _write_pair(folder, args.size, args.size, (0.0, 0.0))
         _add_transients(sci, 200)
         wall, rss = timed_process([apqa, "-q", "run", "--science", str(sci), "--template",
-                                   str(tpl), "--out", str(folder / "run")])
+                                   str(tpl), "--out", str(folder / "run")],
+                                  single_core=True)
         info = json.loads((folder / "run" / "run.json").read_text())
         stages = " ".join(f"{k} {v:.2f}s" for k, v in info["timings"].items())
         print(f"apqa run {args.size}x{args.size}: {wall:.2f} s wall, peak RSS {rss:.2f} GB, "
               f"{info['n_dia_sources']} DIASources; stages: {stages}")
         base, base_rss = timed_process([apqa, "-q", "diff", "--science", str(sci), "--template",
-                                        str(tpl), "--out", str(folder / "d.fits")])
+                                        str(tpl), "--out", str(folder / "d.fits")],
+                                       single_core=True)
         print(f"  baseline apqa diff: {base:.2f} s wall, peak RSS {base_rss:.2f} GB "
               f"(detection + measurement cost {wall - base:.2f} s)")
 
