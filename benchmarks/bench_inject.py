@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_simulate import timed_process
+from bench_simulate import SINGLE_CORE, timed_process
 
 SIZE = 4096
 SCALE = 0.263
@@ -156,8 +156,7 @@ def main() -> None:
         cmd.append("--skip-baseline")
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **SINGLE_CORE}
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
                                        env=env).stdout.strip().splitlines()[-1])
     wall, rss = timed_process([*cmd, "--skip-baseline"], single_core=True)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_simulate import first_touch_report
+from bench_simulate import SINGLE_CORE, first_touch_report
 
 
 def timed_run(out: Path, *args: str) -> dict:
@@ -48,8 +48,7 @@ def one_core(out: Path) -> None:
     cmd = ["taskset", "-c", "0", str(Path(sys.executable).parent / "apqa"), "inject-and-run",
            "--visits", "1", "--detectors", "1", "--n-fakes", "200", "--out", str(out),
            "--db", str(out.parent / f"{out.name}.db"), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **SINGLE_CORE}
     subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     (unit,) = [json.loads(p.read_text()) for p in out.glob("units/*/unit.json")]
     driver = json.loads((out / "run.json").read_text())["stages"]
@@ -73,8 +72,7 @@ def host_ceiling(root: Path) -> float:
     virtual machine, whatever the host gives the two vCPUs; the unit's wall time alone over
     its mean wall time side by side, times two, is the ceiling any scheduler can reach here.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **SINGLE_CORE}
 
     def start(core: int, name: str) -> tuple[subprocess.Popen, Path]:
         out = root / name
