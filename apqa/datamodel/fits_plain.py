@@ -147,18 +147,26 @@ def robust_sky(image: np.ndarray, valid: np.ndarray, crop: int = 1024) -> tuple[
 # numpy only, not scipy.ndimage: apqa diff reads its images while scipy is being imported on
 # the main thread, and a thread that imports scipy then can break that import (CPython < 3.13).
 
+def _box_pass(padded: np.ndarray, shape: tuple[int, int], size: int,
+              combine: np.ufunc) -> np.ndarray:
+    """``combine`` (np.add, np.maximum) over the size x size box of each pixel of an image of
+    ``shape`` padded by ``size // 2`` on every side: along rows, then along columns."""
+    height, width = shape
+    columns = padded[:, :width].copy()
+    for i in range(1, size):
+        combine(columns, padded[:, i:i + width], out=columns)
+    out = columns[:height].copy()
+    for i in range(1, size):
+        combine(out, columns[i:i + height], out=out)
+    return out
+
+
 def _box_mean(image: np.ndarray, half: int) -> np.ndarray:
     """Mean over the (2 half + 1)^2 box around each pixel, edges mirrored (as
     ``scipy.ndimage.uniform_filter``), in float32."""
-    height, width = image.shape
     size = 2 * half + 1
     padded = np.pad(np.asarray(image, np.float32), half, mode="symmetric")
-    columns = padded[:, :width].copy()
-    for i in range(1, size):
-        columns += padded[:, i:i + width]
-    out = columns[:height].copy()
-    for i in range(1, size):
-        out += columns[i:i + height]
+    out = _box_pass(padded, image.shape, size, np.add)
     out *= np.float32(1.0 / size**2)
     return out
 
@@ -166,15 +174,7 @@ def _box_mean(image: np.ndarray, half: int) -> np.ndarray:
 def _grown(flags: np.ndarray, half: int) -> np.ndarray:
     """Maximum of uint8 ``flags`` over the (2 half + 1)^2 box around each pixel (as
     ``scipy.ndimage.maximum_filter``: mirrored edges add nothing to a box maximum)."""
-    height, width = flags.shape
-    padded = np.pad(flags, half)
-    columns = padded[:, :width].copy()
-    for i in range(1, 2 * half + 1):
-        np.maximum(columns, padded[:, i:i + width], out=columns)
-    out = columns[:height].copy()
-    for i in range(1, 2 * half + 1):
-        np.maximum(out, columns[i:i + height], out=out)
-    return out
+    return _box_pass(np.pad(flags, half), flags.shape, 2 * half + 1, np.maximum)
 
 
 def _median_and_mad(values: np.ndarray) -> tuple[float, float]:

@@ -10,10 +10,12 @@ agree with ``Time(mjd, format="mjd", scale=scale).tai.mjd`` wherever both are de
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import NamedTuple
 
 SECONDS_PER_DAY = 86400.0
+
 
 class LeapSeconds(NamedTuple):
     """The IERS leap-second table: from ``starts[i]`` (UTC MJD) on, TAI - UTC is
@@ -77,7 +79,7 @@ def _tai_minus_utc(mjd_utc: float, table: LeapSeconds) -> float | None:
     (before its first row, on the day a leap second ends, past its expiry)."""
     if not table.starts[0] <= mjd_utc < table.expires:
         return None
-    index = max(i for i, start in enumerate(table.starts) if start <= mjd_utc)
+    index = bisect.bisect_right(table.starts, mjd_utc) - 1
     if index + 1 < len(table.starts) and table.starts[index + 1] - mjd_utc <= 1.0:
         return None  # a day 86401 s long: astropy spreads its MJD fraction over them
     return table.offsets[index]

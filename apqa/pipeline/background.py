@@ -72,7 +72,7 @@ def subtract_binned_background(image: np.ndarray, masked: np.ndarray, mesh: int 
 
 
 def clipped_rms(image: np.ndarray, masked: np.ndarray, clip: float = 2.5,
-                 iterations: int = 5) -> float:
+                iterations: int = 5) -> float:
     """Noise per pixel: robust width (MAD) of the unmasked pixels, iteratively clipped at
     ``clip`` widths so that sources do not widen it.
 

@@ -29,13 +29,17 @@ def core_budget(workers: int | None = None) -> int:
 
 
 class _Deferred(Generic[T]):
-    """``function(*args)`` computed when its result is asked for (the one-core case)."""
+    """``function(*args)`` computed when its result is first asked for (the one-core case),
+    once, as a Future's."""
 
     def __init__(self, function: Callable[..., T], args: tuple) -> None:
-        self._call = lambda: function(*args)
+        self._call: Callable[[], T] | None = lambda: function(*args)
+        self._value: T | None = None
 
     def result(self) -> T:
-        return self._call()
+        if self._call is not None:
+            self._value, self._call = self._call(), None
+        return self._value  # type: ignore[return-value]
 
 
 @contextmanager

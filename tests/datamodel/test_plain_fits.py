@@ -534,3 +534,18 @@ def test_median_in_place_equals_numpy(size, rng):
     values = rng.normal(0.0, 1.0, size).astype(np.float32)
     assert _median_inplace(values.copy()) == pytest.approx(
         float(np.median(values.astype(np.float64))), abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (9, 9), (5, 200)])
+def test_numpy_box_filters_equal_scipy_ndimage(shape):
+    # The reader avoids scipy (apqa diff imports it on another thread meanwhile); its box
+    # mean and box maximum must be scipy.ndimage's, edges included.
+    from scipy.ndimage import maximum_filter, uniform_filter
+
+    from apqa.datamodel.fits_plain import _box_mean, _grown
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 1, shape).astype(np.float32)
+    np.testing.assert_allclose(_box_mean(image, 2), uniform_filter(image, 5), atol=2e-6)
+    flags = (rng.random(shape) > 0.97).astype(np.uint8)
+    np.testing.assert_array_equal(_grown(flags, 4), maximum_filter(flags, size=9))

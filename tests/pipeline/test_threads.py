@@ -42,3 +42,11 @@ def test_core_budget_follows_scipy_fft_workers():
         assert core_budget() == 1
     with scipy.fft.set_workers(-1):
         assert core_budget() >= 1
+
+
+def test_a_deferred_result_is_computed_once_as_a_futures_is():
+    calls = []
+    with beside(1, lambda: calls.append(1) or len(calls)) as deferred:
+        assert calls == []  # nothing runs until the result is asked for
+    assert (deferred.result(), deferred.result()) == (1, 1)
+    assert calls == [1]

@@ -315,10 +315,10 @@ class _PixelClasses:
 
 def _pixel_classes(science: Exposure, template: Exposure, convolve_template: bool,
                    half: int, factors: tuple[float, float], with_sky: bool) -> _PixelClasses:
-    """Missing, edge and sky pixels, the white-noise levels and the output mask of an AL
-    difference whose kernel has half-width ``half`` (``factors``: the variance planes' excess
-    over white noise, target's then convolved image's). The output mask is left for later:
-    made now, it would add its 64 MB to the transforms' peak."""
+    """Missing, edge and sky pixels and the white-noise levels of an AL difference whose
+    kernel has half-width ``half`` (``factors``: the variance planes' excess over white noise,
+    target's then convolved image's). The output mask is made later: made now, it would add
+    its 64 MB to the transforms' peak."""
     target, ref = (science, template) if convolve_template else (template, science)
     height, width = science.shape
     no_data_t = target.mask.is_set("NO_DATA")
